@@ -1,16 +1,63 @@
 """stablemorph: grow trained PyTorch networks exactly, with dense (zero-free) parameters.
 
-Public API (flat): see README.md.
+The flat public API (see README.md)::
+
+    import stablemorph as sm
+    child = sm.deepen(model, "features.conv2", scheme="stable")
+    child = sm.widen(model, "features.conv1", width=48)
+    rep = sm.verify(model, child, inputs)
+    new_opt = sm.transfer_optimizer(opt, model, child)
+    sm.save(child, "child.pt"); child = sm.load("child.pt")
 """
 
+from stablemorph.activations import PAct, clamp_pact_
+from stablemorph.checkpoint import CheckpointError, load, save
+from stablemorph.ddp import morph_ddp
+from stablemorph.equation import composite, feasibility, min_mid_channels
+from stablemorph.morphs import (
+    MORPHS,
+    MorphError,
+    apply,
+    deepen,
+    enlarge_kernel,
+    insert_subnet,
+    widen,
+)
+from stablemorph.optim import transfer_optimizer
 from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, history, last_report
+from stablemorph.solvers import DecompositionError, DecompositionReport, decompose
+from stablemorph.verify import VerifyReport, verify
+from stablemorph.zoo import build_model
 
 __all__ = [
+    "MORPHS",
+    "CheckpointError",
+    "DecompositionError",
+    "DecompositionReport",
+    "MorphError",
     "MorphRecord",
     "MorphReport",
+    "PAct",
     "ParamOrigin",
+    "VerifyReport",
+    "apply",
+    "build_model",
+    "clamp_pact_",
+    "composite",
+    "decompose",
+    "deepen",
+    "enlarge_kernel",
+    "feasibility",
     "history",
+    "insert_subnet",
     "last_report",
+    "load",
+    "min_mid_channels",
+    "morph_ddp",
+    "save",
+    "transfer_optimizer",
+    "verify",
+    "widen",
 ]
 
 __version__ = "0.1.0"

@@ -218,7 +218,10 @@ def _lm(
     A, B = shape.f2_to_a(F2), shape.f1_to_b(F1)
     r = shape.apply(A, B) - T
     f = r.pow(2).sum()
-    lam = 1e-3 * (A.pow(2).sum() + B.pow(2).sum()) / (A.numel() + B.numel()) * 1e2
+    lam = 0.1 * (A.pow(2).sum() + B.pow(2).sum()) / (A.numel() + B.numel())
+    # Inexact Newton: loose inner solves while steps converge fast; tightened whenever an
+    # accepted step gains less than a factor 2 (degenerate, slowly converging targets).
+    cg_rtol, cg_iters = 0.1, 40
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007
         rel = f.sqrt() / tnorm
@@ -236,11 +239,14 @@ def _lm(
             qA, qB = shape.adjoint(Jp, A, B)
             return qA + lam * pA, qB + lam * pB
 
-        dA, dB = _pcg(normal, -gA, -gB, dA_diag, dB_diag, rtol=min(1e-2, float(rel)), maxiter=250)
+        rtol = min(cg_rtol, float(rel) ** 0.5)
+        dA, dB = _pcg(normal, -gA, -gB, dA_diag, dB_diag, rtol=rtol, maxiter=cg_iters)
         A2, B2 = A + dA, B + dB
         r2 = shape.apply(A2, B2) - T
         f2 = r2.pow(2).sum()
         if f2 < f:
+            if f2 > 0.25 * f:
+                cg_rtol, cg_iters = max(cg_rtol / 10, 1e-6), min(cg_iters * 2, 400)
             A, B, r, f = A2, B2, r2, f2
             lam = lam / 3
         else:

@@ -1,0 +1,49 @@
+"""The morphs, by name: ``MORPHS[op](model, target, **kwargs) -> child``.
+
+Every morph returns a new model computing the same function and attaches a
+:class:`~stablemorph.record.MorphRecord` whose ``op``, ``target`` and ``kwargs`` replay it:
+``apply(record.op, base, record.target, **record.kwargs)`` rebuilds the same architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from stablemorph.morphs.contract import SCHEMES, MorphError
+from stablemorph.morphs.deepen import deepen
+from stablemorph.morphs.kernel import enlarge_kernel
+from stablemorph.morphs.subnet import ResidualBranch, insert_subnet
+from stablemorph.morphs.widen import widen
+
+MORPHS: dict[str, Callable[..., nn.Module]] = {
+    "deepen": deepen,
+    "widen": widen,
+    "enlarge_kernel": enlarge_kernel,
+    "insert_subnet": insert_subnet,
+}
+
+
+def apply(op: str, model: nn.Module, target: str, **kwargs: Any) -> nn.Module:
+    """Run the morph ``op`` (a key of ``MORPHS``) on ``model``'s layer ``target``.
+
+    ``kwargs`` are the morph's keyword arguments, e.g. a record's ``kwargs`` to replay it.
+    """
+    if op not in MORPHS:
+        raise MorphError(f"unknown morph {op!r}; choose one of {sorted(MORPHS)}")
+    return MORPHS[op](model, target, **kwargs)
+
+
+__all__ = [
+    "MORPHS",
+    "SCHEMES",
+    "MorphError",
+    "ResidualBranch",
+    "apply",
+    "deepen",
+    "enlarge_kernel",
+    "insert_subnet",
+    "widen",
+]

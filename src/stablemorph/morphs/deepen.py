@@ -1,0 +1,122 @@
+"""``deepen``: replace one Linear/Conv layer by ``F1 -> PAct(a=1) -> F2`` computing the same.
+
+The child architecture depends only on the options, never on the scheme, so that the
+schemes can be compared on identical networks; the schemes fill in the values:
+``"stable"`` a dense decomposition, ``"netmorph"`` NetMorph's practical algorithm (shrink,
+solve, zero-pad), ``"net2net"`` ``F1 = G`` and ``F2`` the centred identity.
+
+The replaced layer ``name`` becomes ``nn.Sequential`` with children ``first`` (``F1``,
+carrying the stride), ``act`` (:class:`~stablemorph.activations.PAct`, per channel) and
+``second`` (``F2``); a BatchNorm after the layer stays after ``F2`` (DESIGN.md section 1,
+"BatchNorm"), so it sees the same input in train and eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from stablemorph.activations import ACTIVATIONS
+from stablemorph.graph import set_module
+from stablemorph.morphs.contract import (
+    MorphError,
+    Surgery,
+    adopt,
+    check_scheme,
+    get_layer,
+    run_morph,
+)
+from stablemorph.morphs.factor import (
+    Factors,
+    Geometry,
+    build_factors,
+    check_feasible,
+    default_width,
+    resolve_kernels,
+)
+from stablemorph.record import ParamOrigin
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def factor_origins(prefix: str, factors: Factors, parent_bias: str | None) -> dict[str,
+                                                                                   ParamOrigin]:
+    """Origins of the block's parameters under ``prefix``: all fresh, except ``F2``'s bias
+    where it is the parent's bias ``parent_bias`` unchanged."""
+    origins = {f"{prefix}.{n}": ParamOrigin(None) for n, _ in factors.block.named_parameters()}
+    if parent_bias is not None and factors.bias_kept:
+        origins[f"{prefix}.second.bias"] = ParamOrigin(parent_bias)
+    return origins
+
+
+def deepen(
+    model: nn.Module,
+    target: str,
+    *,
+    scheme: str = "stable",
+    kernel_size: int | None = None,
+    width: int | None = None,
+    first_kernel_size: int | None = None,
+    activation: str = "relu",
+    variant: str | None = None,
+    seed: int = 0,
+    inputs: Tensor | Sequence[Tensor] | None = None,
+    input_shape: Sequence[int] | None = None,
+    tol: float | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with layer ``target`` replaced by two layers and a parametric
+    activation between them (at ``a = 1``: the identity), computing the same function.
+
+    Args:
+        model: the parent; never modified.
+        target: dotted name of an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (square
+            kernel, dilation 1, zero padding; grouped and depthwise convs are fine).
+        scheme: ``"stable"`` (default), ``"netmorph"`` or ``"net2net"``.
+        kernel_size: ``K2``, the new second layer's kernel (default 1: a pointwise layer
+            after the parent's kernel, dense and exact for every scheme).
+        width: ``C_mid``, the new layer's input width (default: the layer's output width, or
+            more where ``"stable"`` needs it, see :func:`~.factor.default_width`; the same
+            for every scheme).
+        first_kernel_size: ``K1`` (default the parent's ``K``); ``K1 + stride (K2 - 1) - K``
+            must be even and >= 0.
+        activation: ``phi`` of the inserted PAct: relu, leaky_relu, gelu, tanh, sigmoid or
+            identity.
+        variant: passed to :func:`stablemorph.solvers.decompose`.
+        seed: seeds the decomposition and the random biases.
+        inputs / input_shape: the probe batch (see :mod:`.contract`).
+        tol: largest accepted ``max_rel`` (default by dtype; float32: 1e-5).
+
+    Raises:
+        MorphError: unknown or unsupported layer, options that cannot compose the parent's
+            kernel, a ``"stable"`` request with no dense exact solution (before any work,
+            with the nearest feasible width/kernel), a decomposition that misses its
+            tolerance, or a failed verification.
+    """
+    check_scheme(scheme)
+    if activation not in ACTIVATIONS:
+        raise MorphError(f"deepen {target!r}: unknown activation {activation!r}; choose one "
+                         f"of {sorted(ACTIVATIONS)}")
+    layer = get_layer(model, target, LAYERS, "deepen")
+    geom = Geometry.of(layer, target, "deepen")
+    k1, k2 = resolve_kernels(geom, first_kernel_size, kernel_size, target, "deepen")
+    width = default_width(geom, k1, k2) if width is None else int(width)
+    if width < 1 or width % geom.groups:
+        raise MorphError(f"deepen {target!r}: width must be a positive multiple of "
+                         f"groups={geom.groups}, got {width}")
+    if scheme == "stable":
+        check_feasible(geom, width, k1, k2, target, "deepen")
+
+    def surgery(child: nn.Module, probe: tuple[Tensor, ...]) -> Surgery:
+        old = child.get_submodule(target)
+        factors = build_factors(geom, old.weight, old.bias, scheme=scheme, width=width,
+                                kernels=(k1, k2), activation=activation, seed=seed,
+                                variant=variant)
+        set_module(child, target, adopt(factors.block, old))
+        bias = f"{target}.bias" if old.bias is not None else None
+        return Surgery(factor_origins(target, factors, bias),
+                       residual=factors.report.residual_cast, notes=factors.notes)
+
+    kwargs = {"scheme": scheme, "kernel_size": k2, "first_kernel_size": k1, "width": width,
+              "activation": activation, "variant": variant, "seed": seed}
+    return run_morph("deepen", model, target, scheme, kwargs, surgery, inputs, input_shape, tol)

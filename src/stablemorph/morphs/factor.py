@@ -1,0 +1,214 @@
+"""Build ``F1 -> PAct(a=1) -> F2`` from a kernel ``G``: the two-layer block that deepen,
+the dense kernel enlargement and the subnet branch all insert.
+
+Arrangement (DESIGN.md section 1, "Borders" and "Stride"): ``F1`` carries the parent's
+stride and padding ``p + (Kc - K) / 2`` (``Kc = K1 + stride (K2 - 1)``), ``F2`` has stride 1
+and padding 0. Then ``F2(F1(x))`` equals the parent conv on the whole output, borders
+included. Biases: with scheme ``"stable"`` ``F1`` gets a dense random bias ``b1`` and ``F2``
+the parent's bias minus ``F2``'s response to the constant ``b1`` (exact because ``F2`` never
+pads), so no new parameter is zero; the other schemes use ``b1 = 0`` and ``b2 = b``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stablemorph.activations import PAct
+from stablemorph.equation import composite_size, feasibility, min_mid_channels
+from stablemorph.graph import CONV
+from stablemorph.morphs.contract import MorphError, generator, randn, scale_of
+from stablemorph.solvers import DecompositionReport, decompose
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A Linear (``nd = 0``) or square Conv1d/2d layer's shape: what the factors must match."""
+
+    nd: int
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    padding: int
+    groups: int
+
+    @staticmethod
+    def of(layer: nn.Module, name: str, op: str) -> Geometry:
+        """The geometry of ``layer``; MorphError for what the factorisation cannot keep exact
+        (non-zero padding modes, dilation, non-square kernels or strides, 3-D convs)."""
+        if isinstance(layer, nn.Linear):
+            return Geometry(0, layer.in_features, layer.out_features, 1, 1, 0, 1)
+        if not isinstance(layer, CONV) or isinstance(layer, nn.Conv3d):
+            raise MorphError(f"{op}: layer {name!r} is a {type(layer).__name__}; supported: "
+                             f"Linear, Conv1d, Conv2d")
+        if layer.padding_mode != "zeros":
+            raise MorphError(f"{op}: layer {name!r} uses padding_mode={layer.padding_mode!r}; "
+                             f"only 'zeros' keeps the factorised layer exact at the borders")
+        if any(d != 1 for d in layer.dilation):
+            raise MorphError(f"{op}: layer {name!r} has dilation {layer.dilation}; only "
+                             f"dilation 1 is supported")
+        k, s = layer.kernel_size, layer.stride
+        if len(set(k)) != 1 or len(set(s)) != 1:
+            raise MorphError(f"{op}: layer {name!r} has kernel {k} and stride {s}; only square "
+                             f"kernels and strides are supported")
+        pad = layer.padding
+        if pad == "valid":
+            pad = (0,) * len(k)
+        elif pad == "same":
+            if k[0] % 2 == 0:
+                raise MorphError(f"{op}: layer {name!r} has padding='same' with an even kernel "
+                                 f"{k}, which pads asymmetrically")
+            pad = ((k[0] - 1) // 2,) * len(k)
+        if len(set(pad)) != 1:
+            raise MorphError(f"{op}: layer {name!r} has unequal padding {pad}")
+        return Geometry(len(k), layer.in_channels, layer.out_channels, k[0], s[0], pad[0],
+                        layer.groups)
+
+    def composite(self, k1: int, k2: int) -> int:
+        return composite_size(k1, k2, self.stride) if self.nd else 1
+
+
+@dataclass
+class Factors:
+    """The built block and what the decomposition reported."""
+
+    block: nn.Sequential
+    report: DecompositionReport
+    width: int
+    kernels: tuple[int, int]
+    bias_kept: bool  # F2's bias is the parent's, unchanged
+
+    @property
+    def notes(self) -> list[str]:
+        r = self.report
+        return [
+            f"decomposition {r.method}/{r.variant} via {r.how}: residual {r.residual:.2e} "
+            f"(float64), {r.residual_cast:.2e} (as stored); width {self.width}, kernels "
+            f"{self.kernels}",
+            *r.notes,
+        ]
+
+
+def default_width(geom: Geometry, k1: int, k2: int) -> int:
+    """The same for every scheme: ``C_out``, or more when ``"stable"`` needs more middle
+    channels for a dense exact solution (``min_mid_channels``).
+
+    One more channel per group where the solve would be exactly determined (a square 1x1
+    factor) while the composite kernel is larger than the parent's: the unique solution
+    then copies the zero padding of ``G~`` into the solved factor; one spare channel gives
+    the null-space freedom that keeps it dense.
+    """
+    if geom.nd == 0:
+        return geom.out_channels
+    g = geom.groups
+    width = max(geom.out_channels, min_mid_channels(
+        geom.in_channels, geom.out_channels, k1, k2, g, geom.nd, geom.stride))
+    padded = geom.composite(k1, k2) > geom.kernel
+    square = (k2 == 1 and width == geom.out_channels) or (k1 == 1 and width == geom.in_channels)
+    return width + g if padded and square else width
+
+
+def resolve_kernels(geom: Geometry, k1: int | None, k2: int | None, name: str,
+                    op: str) -> tuple[int, int]:
+    """``(K1, K2)`` with defaults ``K1 = K`` and ``K2 = 1``, checked to compose to a kernel that
+    holds the parent's centred (``Kc - K`` even and >= 0)."""
+    if geom.nd == 0:
+        if (k1 or 1, k2 or 1) != (1, 1):
+            raise MorphError(f"{op}: layer {name!r} is Linear: it has no kernel to set")
+        return 1, 1
+    k1 = geom.kernel if k1 is None else int(k1)
+    k2 = 1 if k2 is None else int(k2)
+    if k1 < 1 or k2 < 1:
+        raise MorphError(f"{op}: layer {name!r}: kernel sizes must be >= 1, got {(k1, k2)}")
+    extra = geom.composite(k1, k2) - geom.kernel
+    if extra < 0 or extra % 2:
+        raise MorphError(
+            f"{op}: layer {name!r}: kernels K1={k1}, K2={k2} (stride {geom.stride}) compose to "
+            f"size {geom.composite(k1, k2)}, which cannot hold the {geom.kernel}-wide kernel "
+            f"centred; K1 + stride*(K2-1) - K must be even and >= 0"
+        )
+    return k1, k2
+
+
+def check_feasible(geom: Geometry, width: int, k1: int, k2: int, name: str, op: str) -> None:
+    """Refuse, before any work, a ``"stable"`` request with no dense exact solution."""
+    if width % geom.groups:
+        raise MorphError(f"{op}: layer {name!r}: width {width} must be a multiple of "
+                         f"groups={geom.groups}")
+    feas = feasibility(geom.in_channels, width, geom.out_channels, k1, k2, geom.groups,
+                       geom.nd, geom.stride)
+    if not feas.exact:
+        hint = f"width >= {feas.nearest_mid}" + (", or a 1x1 second kernel" if k2 > 1 else "")
+        raise MorphError(f"{op}: layer {name!r}: scheme 'stable' cannot be exact and dense "
+                         f"here ({feas.message}); use {hint}")
+
+
+def _layer(geom: Geometry, c_in: int, c_out: int, k: int, stride: int, padding: int,
+           bias: bool) -> nn.Module:
+    if geom.nd == 0:
+        return nn.Linear(c_in, c_out, bias=bias)
+    return _CONV_CLS[geom.nd](c_in, c_out, k, stride=stride, padding=padding,
+                              groups=geom.groups, bias=bias)
+
+
+def _response(F2: Tensor, b1: Tensor, geom: Geometry) -> Tensor:
+    """``F2`` applied to the constant map ``b1`` (one value per output channel)."""
+    if geom.nd == 0:
+        return F2 @ b1
+    size = F2.shape[2:]
+    const = b1.reshape(1, -1, *([1] * geom.nd)).expand(1, b1.numel(), *size)
+    return _CONV_FN[geom.nd](const, F2, groups=geom.groups).flatten()
+
+
+def build_factors(
+    geom: Geometry,
+    G: Tensor,
+    bias: Tensor | None,
+    *,
+    scheme: str,
+    width: int,
+    kernels: tuple[int, int],
+    activation: str,
+    seed: int,
+    variant: str | None = None,
+) -> Factors:
+    """``Sequential(first=F1, act=PAct(activation, a=1), second=F2)`` computing the layer
+    ``(G, bias)`` of geometry ``geom`` exactly (module docstring), in ``G``'s dtype/device.
+
+    Raises:
+        DecompositionError: the solver missed its tolerance (the message has the numbers).
+    """
+    k1, k2 = kernels
+    F1w, F2w, rep = decompose(G.detach(), width, kernel_sizes=(k1, k2) if geom.nd else None,
+                              method=scheme, stride=geom.stride, groups=geom.groups, seed=seed,
+                              variant=variant)
+    extra = (geom.composite(k1, k2) - geom.kernel) // 2
+    has_bias = bias is not None
+    first = _layer(geom, geom.in_channels, width, k1, geom.stride, geom.padding + extra,
+                   has_bias)
+    second = _layer(geom, width, geom.out_channels, k2, 1, 0, has_bias)
+    act = PAct(activation, channels=width, channel_dim=1 if geom.nd else -1)
+    block = nn.Sequential(OrderedDict(first=first, act=act, second=second))
+    block.to(device=G.device, dtype=G.dtype)
+    bias_kept = True
+    with torch.no_grad():
+        first.weight.copy_(F1w)
+        second.weight.copy_(F2w)
+        if bias is not None:
+            if scheme == "stable":
+                b1 = randn((width,), scale_of(bias, F1w[0].numel()), generator(seed + 1), bias)
+                first.bias.copy_(b1)
+                second.bias.copy_(bias - _response(F2w, b1, geom).to(bias.dtype))
+                bias_kept = False
+            else:
+                first.bias.zero_()
+                second.bias.copy_(bias)
+    return Factors(block, rep, width, (k1, k2), bias_kept)

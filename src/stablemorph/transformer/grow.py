@@ -1,0 +1,71 @@
+"""Growing a GPT to a target size in one call, as a chain of exact growths.
+
+Order: MLP width, heads, residual width, then depth (each growth's
+:class:`~stablemorph.record.MorphRecord` is kept in the child's history, and each is verified
+on its own). New blocks are spread evenly: for ``n_layer = 2 L`` one after every block.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from stablemorph.transformer.depth import insert_block
+from stablemorph.transformer.heads import grow_heads
+from stablemorph.transformer.mlp_width import grow_mlp
+from stablemorph.transformer.model import GPT
+from stablemorph.transformer.stream import grow_d_model
+from stablemorph.transformer.units import DEFAULT_OUT_SCALE
+
+
+def insertion_points(n_layer: int, n_new: int) -> list[int]:
+    """Child block indices at which to insert ``n_new`` blocks, applied in the order given, so
+    that the new blocks follow evenly spaced parent blocks (``n_new = n_layer``: one after
+    each)."""
+    after = [((r + 1) * n_layer) // n_new - 1 for r in range(n_new)]  # parent block indices
+    # Inserting right after parent block j, once r earlier blocks went in before it.
+    return [j + 1 + r for r, j in enumerate(sorted(after))]
+
+
+def grow(
+    model: GPT,
+    *,
+    d_model: int | None = None,
+    n_head: int | None = None,
+    d_mlp: int | None = None,
+    n_layer: int | None = None,
+    scheme: str = "stable",
+    seed: int = 0,
+    probe: Tensor | None = None,
+    tol: float | None = None,
+    out_scale: float = DEFAULT_OUT_SCALE,
+) -> GPT:
+    """A new GPT grown to the sizes given (``None``: keep), computing the same logits.
+
+    ``n_head`` and ``d_mlp`` apply to every block; each must be larger than every block's
+    current value, ``n_layer`` larger than the current depth. Seeds of the individual growths
+    are ``seed, seed + 1, ...``. ``model`` is never modified.
+    """
+    child = model
+    steps = 0
+
+    def next_seed() -> int:
+        nonlocal steps
+        steps += 1
+        return seed + steps - 1
+
+    common = {"scheme": scheme, "probe": probe, "tol": tol, "out_scale": out_scale}
+    if d_mlp is not None:
+        child = grow_mlp(child, d_mlp, seed=next_seed(), **common)
+    if n_head is not None:
+        child = grow_heads(child, n_head, seed=next_seed(), **common)
+    if d_model is not None:
+        child = grow_d_model(child, d_model, seed=next_seed(), **common)
+    if n_layer is not None:
+        n = model.config.n_layer
+        if n_layer <= n:
+            raise ValueError(f"grow: n_layer={n_layer} is not larger than the current {n}")
+        for index in insertion_points(n, n_layer - n):
+            child = insert_block(child, index, seed=next_seed(), **common)
+    if child is model:
+        raise ValueError("grow: nothing to grow; give d_model, n_head, d_mlp or n_layer")
+    return child

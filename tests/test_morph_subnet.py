@@ -1,0 +1,134 @@
+"""insert_subnet: the Modularized Morphing residual case. An identity shortcut (implicit in a
+block's forward, or an nn.Identity module) or a layer is split into two parts and one part
+becomes an exact branch of convs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from morph_cases import assert_same_function, assert_untouched, inputs, parent, snapshot
+from torch import Tensor, nn
+
+from stablemorph.morphs import MorphError, ResidualBranch, apply, insert_subnet, widen
+from stablemorph.record import history, last_report
+
+torch.set_num_threads(1)
+
+SCHEMES = ["stable", "netmorph", "net2net"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("kernels", [(3, 1), (1, 3)])
+def test_identity_shortcut_of_a_block(scheme: str, kernels: tuple[int, int]) -> None:
+    model = parent("resnet")
+    x = inputs("resnet")
+    snap = snapshot(model)
+    child = insert_subnet(model, "layer1.0", kernel_sizes=kernels, scheme=scheme, inputs=x)
+    block = child.layer1[0]
+    assert type(block).__name__ == "BasicBlock"
+    assert isinstance(block.shortcut, ResidualBranch) and block.shortcut.scale == 0.5
+    branch = block.shortcut.branch
+    sizes = {branch.first.kernel_size[0], branch.second.kernel_size[0]}
+    assert sizes == {1, 3}
+    parent_state, child_state = model.state_dict(), child.state_dict()
+    for key, value in parent_state.items():  # nothing renamed, nothing changed
+        torch.testing.assert_close(child_state[key], value, rtol=0, atol=0)
+    assert {k for k in child_state if k not in parent_state} == {
+        f"layer1.0.shortcut.branch.{n}" for n in ("first.weight", "act.a", "second.weight")}
+    assert_same_function(model, child, x)
+    assert_untouched(model, snap)
+    if scheme == "stable":
+        assert last_report(child).zero_fraction == 0.0
+
+
+def test_projection_shortcut_is_split_with_the_branch() -> None:
+    model = parent("resnet")
+    x = inputs("resnet")
+    child = insert_subnet(model, "layer2.0.downsample.0", share=0.3, inputs=x)
+    split = child.layer2[0].downsample[0]
+    assert isinstance(split, ResidualBranch) and split.scale == pytest.approx(0.3)
+    torch.testing.assert_close(split.shortcut.weight, model.layer2[0].downsample[0].weight)
+    origins = last_report(child).param_map
+    assert origins["layer2.0.downsample.0.shortcut.weight"].source == "layer2.0.downsample.0.weight"
+    assert origins["layer2.0.downsample.0.branch.first.weight"].is_fresh
+    assert_same_function(model, child, x)
+
+
+class IdentityModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.skip = nn.Identity()
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.body(h) + self.skip(h))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_identity_module_becomes_a_residual_branch(scheme: str) -> None:
+    model = IdentityModule()
+    x = inputs("cnn")
+    child = insert_subnet(model, "skip", scheme=scheme, inputs=x)
+    assert isinstance(child.skip, ResidualBranch)
+    assert type(child) is IdentityModule
+    assert_same_function(model, child, x)
+
+
+def test_linear_layer_split() -> None:
+    model = parent("mlp")
+    x = inputs("mlp")
+    child = insert_subnet(model, "fc2", inputs=x)
+    assert isinstance(child.fc2, ResidualBranch)
+    assert_same_function(model, child, x)
+
+
+def test_record_replays_the_architecture() -> None:
+    model = parent("resnet")
+    child = insert_subnet(model, "layer1.0", scheme="netmorph", inputs=inputs("resnet"))
+    record = history(child)[-1]
+    assert record.kwargs["kernel_sizes"] == [3, 1]
+    assert record.kwargs["width"] == 5  # C + 1: a null space keeps the solved factor dense
+    replay = apply(record.op, model, record.target, **record.kwargs)
+    assert [(k, v.shape) for k, v in replay.state_dict().items()] == \
+        [(k, v.shape) for k, v in child.state_dict().items()]
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "kw", "message"),
+    [
+        ("cnn", "features", {}, "Sequential.forward has no add of its input"),
+        ("resnet", "layer1.0", {"share": 1.0}, r"share must be in \(0, 1\)"),
+        ("resnet", "layer1.0", {"kernel_sizes": (2, 1)}, "must be even and >= 0"),
+        ("resnet", "layer1.0", {"scheme": "stable", "width": 2},
+         "cannot be exact and dense"),
+        ("resnet", "layer1.9", {}, "did you mean 'layer1.0'"),
+    ],
+)
+def test_insert_subnet_errors(name: str, target: str, kw: dict, message: str) -> None:
+    model = parent(name)
+    snap = snapshot(model)
+    with pytest.raises(MorphError, match=message):
+        insert_subnet(model, target, inputs=inputs(name), **kw)
+    assert_untouched(model, snap)
+
+
+def test_a_branch_is_not_split_twice() -> None:
+    model = parent("resnet")
+    child = insert_subnet(model, "layer1.0", inputs=inputs("resnet"))
+    with pytest.raises(MorphError, match="already a ResidualBranch"):
+        insert_subnet(child, "layer1.0.shortcut", inputs=inputs("resnet"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_widening_a_stage_grows_the_inserted_branch(scheme: str) -> None:
+    model = parent("resnet")
+    x = inputs("resnet")
+    child = insert_subnet(model, "layer1.0", inputs=x)
+    wider = widen(child, "conv1", 7, scheme=scheme, inputs=x)
+    branch = wider.layer1[0].shortcut.branch
+    assert branch.first.in_channels == 7 and branch.second.out_channels == 7
+    assert_same_function(model, wider, x)
