@@ -36,19 +36,9 @@ LAYERS = [
 ]
 
 
-# NetMorph's alternating least squares (used when nothing can be shrunk, K2 = 1) returns
-# factors with norms up to 15x the parent's: after the cast to float32 the product misses
-# the 1e-5 contract here (cast residual 1.6e-6, max_rel 1.0e-5). Reported to the solver.
-ALS_ILL_CONDITIONED = {("netmorph", "vgg", "features.conv2_2")}
-
-
 @pytest.mark.parametrize(("name", "target"), LAYERS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_deepen_preserves_function(name: str, target: str, scheme: str,
-                                   request: pytest.FixtureRequest) -> None:
-    if (scheme, name, target) in ALS_ILL_CONDITIONED:
-        request.applymarker(pytest.mark.xfail(raises=MorphError, strict=True,
-                                              reason="ill-conditioned NetMorph ALS factors"))
+def test_deepen_preserves_function(name: str, target: str, scheme: str) -> None:
     model = parent(name)
     x = inputs(name)
     snap = snapshot(model)
@@ -65,16 +55,15 @@ def test_deepen_preserves_function(name: str, target: str, scheme: str,
         assert all(bool((p != 0).all()) for p in block.parameters())
 
 
-# 3x3 second layers: netmorph/net2net everywhere; "stable" where one factor solve is linear
-# (C_in = 1, or a 1x1 parent); 3x3 (*) 3x3 with C_mid ~ C goes nonlinear: see below.
-LINEAR_K3 = [("cnn", "features.conv1"), ("resnet", "layer2.0.downsample.0"),
-             ("cnn1d", "features.conv1")]
-K3 = [*LINEAR_K3, ("resnet", "layer2.0.conv1"), ("depthwise", "blocks.0.dw"),
-      ("grouped", "grouped")]
-K3_CASES = [(s, n, t) for s in SCHEMES for n, t in K3 if s != "stable" or (n, t) in LINEAR_K3]
+# 3x3 second layers (composite 5x5): with C_in = 1 or a 1x1 parent one factor solve is
+# linear; 3x3 (*) 3x3 with C_mid ~ C_out goes through the solver's nonlinear paths.
+K3 = [("cnn", "features.conv1"), ("resnet", "layer2.0.downsample.0"), ("cnn1d", "features.conv1"),
+      ("resnet", "layer2.0.conv1"), ("depthwise", "blocks.0.dw"), ("grouped", "grouped"),
+      ("vgg", "features.conv2_2")]
 
 
-@pytest.mark.parametrize(("scheme", "name", "target"), K3_CASES)
+@pytest.mark.parametrize(("name", "target"), K3)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_deepen_with_a_3x3_new_layer(name: str, target: str, scheme: str) -> None:
     model = parent(name)
     x = inputs(name)
@@ -83,19 +72,6 @@ def test_deepen_with_a_3x3_new_layer(name: str, target: str, scheme: str) -> Non
     assert child.get_submodule(target).second.kernel_size[0] == 3
     if scheme == "stable":
         assert last_report(child).zero_fraction == 0.0
-
-
-def test_stable_3x3_square_problem_is_exact_or_refused_clearly() -> None:
-    """The nonlinear (Levenberg-Marquardt) path: either exact, or a MorphError that carries
-    the residual and the nearest feasible request; never a silent approximation."""
-    model = parent("vgg")
-    x = inputs("vgg")
-    try:
-        child = deepen(model, "features.conv2_2", kernel_size=3, inputs=x)
-    except MorphError as err:
-        assert "residual" in str(err) and "C_mid >=" in str(err)
-    else:
-        assert_same_function(model, child, x)
 
 
 @pytest.mark.parametrize(("name", "target", "kw"), [

@@ -17,6 +17,7 @@ from stablemorph.equation import composite, feasibility, min_mid_channels
 from stablemorph.morphs import (
     MORPHS,
     MorphError,
+    ResidualBranch,
     apply,
     deepen,
     enlarge_kernel,
@@ -39,6 +40,7 @@ __all__ = [
     "MorphReport",
     "PAct",
     "ParamOrigin",
+    "ResidualBranch",
     "VerifyReport",
     "apply",
     "build_model",

@@ -277,6 +277,8 @@ def _run_experiment(args: argparse.Namespace, demo: bool) -> int:
 
             report = run_gpt_experiment(
                 args.out,
+                parent_steps=args.parent_steps,
+                child_steps=args.steps,
                 seeds=range(args.seeds),
                 threads=args.threads,
                 command=_command(),

@@ -174,9 +174,12 @@ def _how(
         n = min(m, k**nd)
         return n * (n - 1) // 2
 
-    if m * k2**nd - (koszul(k2) if i == 1 and k2 >= k1 else 0) >= i * kc:
+    # A zero-ringed target (the parent kernel smaller than the composite) needs a strictly
+    # underdetermined solve: an exactly determined one copies the ring's zeros into the factor.
+    spare = 1 if kc1 > k else 0
+    if m * k2**nd - (koszul(k2) if i == 1 and k2 >= k1 else 0) >= i * kc + spare:
         return "solve-F2"
-    if m * k1**nd - (koszul(k1) if o == 1 and k1 >= k2 else 0) >= o * kc:
+    if m * k1**nd - (koszul(k1) if o == 1 and k1 >= k2 else 0) >= o * kc + spare:
         return "solve-F1"
     if kc1 > k:
         second = k2 % 2 == 1 and k1 >= k and (k1 - k) % 2 == 0 and m >= o + 2

@@ -412,8 +412,12 @@ def _shrunk_size(shape: BilinearShape, k: int) -> tuple[str, int] | None:
 def _als(
     shape: BilinearShape, Gp: Tensor, tol: float, max_iter: int, gen: torch.Generator
 ) -> tuple[Tensor, Tensor, int]:
-    """NetMorph algorithm 1: alternate least-squares solves from a random ``F2``."""
+    """NetMorph algorithm 1: alternate least-squares solves from a random ``F2``. The random
+    start has orthogonal rows (dense, perfectly conditioned): a plain Gaussian square start
+    is often so ill-conditioned that the solved factor's norm blows up and the float32 cast
+    loses the product (measured: 2e-4 to 7e-4 output error on ResNet-18 layers)."""
     F1, F2 = _random_factors(shape, gen)
+    F2 = _orthogonal_rows(tuple(F2.shape), F2[0].numel(), gen)
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007
         F1 = _first_given_second(shape, F2, Gp, None)
