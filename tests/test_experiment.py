@@ -122,3 +122,14 @@ def test_ddp_arms_match_single_process(tmp_path: Path) -> None:
     assert curves[1].keys() == curves[2].keys() == {"stable", "parent"}
     for arm in curves[1]:
         assert curves[2][arm] == pytest.approx(curves[1][arm], rel=1e-5)
+
+
+def test_a_folder_from_before_a_new_config_field_resumes(tmp_path: Path) -> None:
+    cfg = tiny(schemes=["net2net"], baselines=[], regimes=["same"])
+    Experiment(cfg, tmp_path, progress=False, log=lambda _: None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["nproc"]  # written by an older version
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    Experiment(cfg, tmp_path, progress=False, log=lambda _: None)  # no error
+    with pytest.raises(ExperimentError, match=r"differs in \['nproc'\]"):
+        Experiment(tiny(schemes=["net2net"], baselines=[], regimes=["same"], nproc=2), tmp_path)

@@ -217,7 +217,11 @@ class Experiment:
         path = self.out / "config.json"
         mine = asdict(self.cfg)
         if path.exists():
-            theirs = json.loads(path.read_text())
+            # a field added to the config since the folder was written takes its default
+            theirs = {
+                **json.loads(json.dumps(asdict(ExperimentConfig()))),
+                **json.loads(path.read_text()),
+            }
             if theirs != json.loads(json.dumps(mine)):
                 diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
                 raise ExperimentError(
