@@ -251,15 +251,15 @@ def _run_experiment(args: argparse.Namespace, demo: bool) -> int:
             model="cnn",
             model_kwargs={"widths": [16, 32]},
             limit_train=None if small else 12_000,
-            limit_test=None if small else 2_000,
+            limit_test=None if small else 1_000,
             schemes=args.schemes,
             baselines=args.baselines,
             seeds=args.seeds,
             parent_steps=300 if small else 600,
-            child_steps=200 if small else 300,
+            child_steps=200,
             dense_until=100,
             dense_every=10,
-            every=25 if small else 50,
+            every=25,
             drop_window=100,
             threads=args.threads,
         )
@@ -270,7 +270,8 @@ def _run_experiment(args: argparse.Namespace, demo: bool) -> int:
                 flush=True,
             )
         else:
-            print(f"running on {dataset} (a 12,000-image subset for the demo)", flush=True)
+            print(f"running on {dataset} (12,000 training / 1,000 test images for the demo)",
+                  flush=True)
     else:
         if args.model == "tiny-gpt":
             from stablemorph.transformer.experiment import run_gpt_experiment
