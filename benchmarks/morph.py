@@ -146,9 +146,10 @@ def _markdown(rows: list[dict], whole: list[tuple[float, float, int]], meta: dic
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, probe batch "
         f"{meta['batch']}x3x32x32, median of {meta['repeats']} runs per cell",
         f"- load average (1/5/15 min) before: {meta['load_before']}, after: "
-        f"{meta['load_after']}. **The machine was not idle**: other engineers ran tests and "
-        f"benchmarks on its 2 cores during this run, so the times are upper bounds and "
-        f"vary from run to run.",
+        f"{meta['load_after']}. "
+        + ("The machine was otherwise idle." if meta["idle"] else
+           "**The machine was not idle**: other jobs ran on its 2 cores during this run, so "
+           "the times are upper bounds and vary from run to run."),
         "",
         "Each time is one full call: deep copy, surgery (with the decomposition), and the "
         "self-check in eval and train mode (4 forward passes of parent and child). "
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "OMP_WAIT_POLICY=PASSIVE python " + " ".join(["benchmarks/morph.py",
                                                                  *sys.argv[1:]]),
         "batch": args.batch, "repeats": args.repeats, "load_before": _load(),
+        "idle": os.getloadavg()[0] < 0.5,
     }
     model = resnet18()
     x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(2))
