@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     morph = sub.add_parser(
         "morph",
         help="grow a saved model and save the child",
-        description="Load a model saved with stablemorph.save (or a state-dict "
-        "checkpoint of a zoo model, with --model), apply one morph and save the "
+        description="Load a model saved with stablemorph.save (sm.save(model, path); zoo "
+        "models need nothing else), apply one morph and save the "
         "child with its recipe; prints the morph report.",
     )
     morph.add_argument("--checkpoint", type=Path, required=True, help="the parent's file")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec = sub.add_parser(
         "decompose",
         help="factor a kernel and print the report",
-        description="Decompose a random kernel (or one from a saved model's layer) "
+        description="Decompose a random He-scaled kernel "
         "with each scheme and print residual, zero fraction and time.",
     )
     dec.add_argument("--c-in", type=int, default=64)
