@@ -99,21 +99,14 @@ class Factors:
 
 def default_width(geom: Geometry, k1: int, k2: int) -> int:
     """The same for every scheme: ``C_out``, or more when ``"stable"`` needs more middle
-    channels for a dense exact solution (``min_mid_channels``).
-
-    One more channel per group where the solve would be exactly determined (a square 1x1
-    factor) while the composite kernel is larger than the parent's: the unique solution
-    then copies the zero padding of ``G~`` into the solved factor; one spare channel gives
-    the null-space freedom that keeps it dense.
-    """
+    channels for a dense exact solution (``min_mid_channels`` with the parent's kernel: a
+    composite larger than the parent's needs a strictly underdetermined solve, else the
+    unique solution copies the zero ring of ``G~`` into the solved factor)."""
     if geom.nd == 0:
         return geom.out_channels
-    g = geom.groups
-    width = max(geom.out_channels, min_mid_channels(
-        geom.in_channels, geom.out_channels, k1, k2, g, geom.nd, geom.stride))
-    padded = geom.composite(k1, k2) > geom.kernel
-    square = (k2 == 1 and width == geom.out_channels) or (k1 == 1 and width == geom.in_channels)
-    return width + g if padded and square else width
+    return max(geom.out_channels, min_mid_channels(
+        geom.in_channels, geom.out_channels, k1, k2, geom.groups, geom.nd, geom.stride,
+        k=geom.kernel))
 
 
 def resolve_kernels(geom: Geometry, k1: int | None, k2: int | None, name: str,
@@ -144,7 +137,7 @@ def check_feasible(geom: Geometry, width: int, k1: int, k2: int, name: str, op: 
         raise MorphError(f"{op}: layer {name!r}: width {width} must be a multiple of "
                          f"groups={geom.groups}")
     feas = feasibility(geom.in_channels, width, geom.out_channels, k1, k2, geom.groups,
-                       geom.nd, geom.stride)
+                       geom.nd, geom.stride, k=geom.kernel)
     if not feas.exact:
         hint = f"width >= {feas.nearest_mid}" + (", or a 1x1 second kernel" if k2 > 1 else "")
         raise MorphError(f"{op}: layer {name!r}: scheme 'stable' cannot be exact and dense "
