@@ -11,7 +11,7 @@ The flat public API (see README.md)::
 """
 
 from stablemorph.activations import PAct, clamp_pact_
-from stablemorph.checkpoint import CheckpointError, load, save
+from stablemorph.checkpoint import CheckpointError, load, load_checkpoint, save
 from stablemorph.ddp import morph_ddp
 from stablemorph.equation import composite, feasibility, min_mid_channels
 from stablemorph.morphs import (
@@ -24,7 +24,7 @@ from stablemorph.morphs import (
     insert_subnet,
     widen,
 )
-from stablemorph.optim import transfer_optimizer
+from stablemorph.optim import transfer_optimizer, transfer_scheduler
 from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, history, last_report
 from stablemorph.solvers import DecompositionError, DecompositionReport, decompose
 from stablemorph.verify import VerifyReport, verify
@@ -54,10 +54,12 @@ __all__ = [
     "insert_subnet",
     "last_report",
     "load",
+    "load_checkpoint",
     "min_mid_channels",
     "morph_ddp",
     "save",
     "transfer_optimizer",
+    "transfer_scheduler",
     "verify",
     "widen",
 ]
