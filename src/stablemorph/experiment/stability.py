@@ -305,15 +305,13 @@ class Experiment:
                     continue
                 lr = cfg.lr_after(regime)
                 zero = None
+                # one deep copy of (model, optimiser) keeps the optimiser on the copy's
+                # parameters; every scheme's optimiser went through the same surgery in grow()
                 if arm in cfg.schemes:
-                    # every scheme's optimiser went through the same surgery in grow()
                     child, child_opt, zero = children[arm]
-                    model = copy.deepcopy(child)
-                    opt = transfer_optimizer_copy(child_opt, child, model)
+                    model, opt = copy.deepcopy((child, child_opt))
                 elif arm == "parent":
-                    model = copy.deepcopy(parent)
-                    opt = make_optimizer(model, cfg.train_config(lr, seed))
-                    opt.load_state_dict(parent_opt.state_dict())
+                    model, opt = copy.deepcopy((parent, parent_opt))
                 elif arm == "scratch":
                     model = scratch_copy(children[cfg.schemes[0]][0], seed)
                     opt = make_optimizer(model, cfg.train_config(lr, seed))
@@ -395,27 +393,6 @@ def _ddp_arm(
     data = load_data(cfg)
     records = [dict(r) for r in train_ddp(DistributedDataParallel(model), data, opt, **kwargs)]
     return [*records, {"state": model.state_dict()}]
-
-
-def transfer_optimizer_copy(
-    optimizer: torch.optim.Optimizer, child: nn.Module, copy_of_child: nn.Module
-) -> torch.optim.Optimizer:
-    """``optimizer`` (over ``child``) re-pointed at a deep copy of ``child``: the same
-    class, groups and state, the copy's parameters in place of the child's."""
-    names = {id(p): n for n, p in child.named_parameters()}
-    params = dict(copy_of_child.named_parameters())
-    groups = []
-    for g in optimizer.param_groups:
-        groups.append(
-            {
-                **{k: v for k, v in g.items() if k != "params"},
-                "params": [params[names[id(p)]] for p in g["params"]],
-            }
-        )
-    new = type(optimizer)(groups)
-    state = optimizer.state_dict()
-    new.load_state_dict(copy.deepcopy(state))
-    return new
 
 
 # ---------------------------------------------------------------------------------------------
