@@ -133,3 +133,16 @@ def test_a_folder_from_before_a_new_config_field_resumes(tmp_path: Path) -> None
     Experiment(cfg, tmp_path, progress=False, log=lambda _: None)  # no error
     with pytest.raises(ExperimentError, match=r"differs in \['nproc'\]"):
         Experiment(tiny(schemes=["net2net"], baselines=[], regimes=["same"], nproc=2), tmp_path)
+
+
+def test_arms_do_not_share_optimiser_state(tmp_path: Path) -> None:
+    """The raised-lr parent arm is the same whether or not the same-lr arm ran before it
+    (regression: a shared momentum buffer leaked one arm's steps into the next)."""
+    curves = {}
+    for regimes in (["same", "raised"], ["raised"]):
+        cfg = tiny(schemes=["net2net"], baselines=["parent"], regimes=regimes)
+        arms = Experiment(cfg, tmp_path / "_".join(regimes), progress=False,
+                          log=lambda _: None).run()
+        curves[len(regimes)] = {a.arm: [(r["test_acc"], r["test_loss"]) for r in a.records]
+                                for a in arms if a.regime == "raised"}
+    assert curves[2] == curves[1]
