@@ -191,7 +191,8 @@ def test_morph_ddp_rewraps_on_one_rank(world_of_one: None, tmp_path: Path) -> No
         morph_ddp(ddp.module, "widen", "fc1", width=20)
 
 
-REQUIRED = {"widen": {"width": 20}, "enlarge_kernel": {"kernel_size": 5}}
+REQUIRED = {"widen": {"width": 20}, "enlarge_kernel": {"kernel_size": 5}, "grow_mlp": {"d_mlp": 9},
+            "grow_heads": {"n_head": 9}, "grow_d_model": {"d_model": 99}}
 
 
 @pytest.mark.parametrize("op", sorted(MORPHS))
@@ -202,3 +203,33 @@ def test_a_morph_refuses_a_ddp_model_and_names_the_helper(world_of_one: None, op
     with pytest.raises(MorphError, match=r"DistributedDataParallel-wrapped model.*"
                                          r"stablemorph\.ddp\.morph_ddp"):
         apply(op, ddp, target, input_shape=[4, 64], **REQUIRED.get(op, {}))
+
+
+@pytest.mark.parametrize(("op", "target", "kwargs"), [
+    ("grow_mlp", "blocks", {"d_mlp": 80}),
+    ("grow_heads", "blocks.1.attn", {"n_head": 3}),
+    ("grow_d_model", "d_model", {"d_model": 24}),
+    ("insert_block", "blocks.1", {}),
+])
+def test_morph_ddp_grows_a_transformer(world_of_one: None, op: str, target: str,
+                                       kwargs: dict) -> None:
+    from stablemorph.transformer import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.uniform(vocab_size=29, block_size=8, d_model=16, n_layer=2, n_head=2))
+    opt = torch.optim.AdamW(gpt.parameters(), lr=1e-3)
+    x = torch.randint(0, 29, (4, 8))
+    opt.zero_grad()
+    gpt(x).square().mean().backward()
+    opt.step()
+    ddp = DDP(gpt)
+    new, new_opt = morph_ddp(ddp, op, target, optimizer=opt, seed=2, **kwargs)
+    alone = apply(op, gpt, target, seed=2, **kwargs)
+    torch.testing.assert_close(flat(new.module), flat(alone), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), gpt(x), rtol=0, atol=1e-5)
+    held = {id(p) for g in new_opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in new.module.parameters()}
+    new_opt.zero_grad()
+    new(x).square().mean().backward()
+    new_opt.step()  # the child trains under DDP with the transferred state

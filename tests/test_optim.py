@@ -13,11 +13,19 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR, SequentialLR, StepLR
 
 from stablemorph.morphs import deepen, widen
-from stablemorph.optim import transfer_optimizer, transfer_scheduler
+from stablemorph.optim import (
+    RULE,
+    STATE_KINDS,
+    TransferRule,
+    transfer_optimizer,
+    transfer_scheduler,
+)
 from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, append_record
 from stablemorph.zoo import build_model
 
 torch.set_num_threads(1)
+
+SCALED = TransferRule(scaled=frozenset(STATE_KINDS), fresh_state="none")
 
 
 class Tiny(nn.Module):
@@ -96,7 +104,7 @@ def test_sgd_momentum_indexed_and_scaled_like_the_weights() -> None:
     before = snapshot(opt)
     child = hand_widened(parent)
 
-    new = transfer_optimizer(opt, parent, child)
+    new = transfer_optimizer(opt, parent, child, rule=SCALED)
 
     assert type(new) is torch.optim.SGD
     assert [p for g in new.param_groups for p in g["params"]] == list(child.parameters())
@@ -122,7 +130,7 @@ def test_adam_moments_step_and_new_units() -> None:
     trained(parent, opt, steps=4)
     child = hand_widened(parent)
 
-    new = transfer_optimizer(opt, parent, child)
+    new = transfer_optimizer(opt, parent, child, rule=SCALED)
 
     old = opt.state[parent.fc2.weight]
     st = new.state[child.fc2.weight]
@@ -156,7 +164,7 @@ def test_momentum_step_of_widened_child_keeps_the_function(scheme: str) -> None:
     opt = torch.optim.SGD(parent.parameters(), lr=0.5, momentum=0.9)
     trained(parent, opt, steps=5, in_features=8)
     child = widen(parent, "fc1", 11, scheme=scheme, input_shape=[8, 8])
-    new = transfer_optimizer(opt, parent, child)
+    new = transfer_optimizer(opt, parent, child, rule=SCALED)
 
     for model, optimizer in ((parent, opt), (child, new)):
         for p in model.parameters():
@@ -203,7 +211,7 @@ def test_fresh_parameters_start_from_scratch() -> None:
     opt = torch.optim.Adam(parent.parameters(), lr=1e-2)
     trained(parent, opt, steps=4, in_features=8)
     child = deepen(parent, "fc1", input_shape=[8, 8])
-    new = transfer_optimizer(opt, parent, child)
+    new = transfer_optimizer(opt, parent, child, rule=SCALED)
 
     fresh = [n for n, o in child._stablemorph_history[-1].report.param_map.items()
              if o.is_fresh]
@@ -311,18 +319,138 @@ def test_scheduler_refuses_a_different_group_count() -> None:
         transfer_scheduler(sched, other)
 
 
-def test_refuses_a_child_not_one_morph_from_the_parent() -> None:
+def test_a_chain_of_morphs_equals_transferring_after_each() -> None:
     parent = mlp_parent()
     opt = torch.optim.SGD(parent.parameters(), lr=0.1, momentum=0.9)
     trained(parent, opt, in_features=8)
     before = snapshot(opt)
-    once = widen(parent, "fc1", 8, input_shape=[8, 8])
-    twice = widen(once, "fc1", 10, input_shape=[8, 8])
-    with pytest.raises(ValueError, match="parent has 0 morph records, the child 2"):
-        transfer_optimizer(opt, parent, twice)
+    once = widen(parent, "fc1", 8, scheme="net2net", input_shape=[8, 8])
+    twice = widen(once, "fc1", 10, scheme="net2net", seed=1, input_shape=[8, 8])
+    direct = transfer_optimizer(opt, parent, twice, rule=SCALED)
+    stepwise = transfer_optimizer(transfer_optimizer(opt, parent, once, rule=SCALED), once,
+                                  twice, rule=SCALED)
+    for p in twice.parameters():
+        torch.testing.assert_close(direct.state[p]["momentum_buffer"],
+                                   stepwise.state[p]["momentum_buffer"], rtol=0, atol=0)
+    assert_untouched(opt, before)
+
+
+def test_refuses_a_child_not_morphed_from_the_parent() -> None:
+    parent = mlp_parent()
+    opt = torch.optim.SGD(parent.parameters(), lr=0.1, momentum=0.9)
+    trained(parent, opt, in_features=8)
+    before = snapshot(opt)
+    child = widen(parent, "fc1", 8, input_shape=[8, 8])
     with pytest.raises(ValueError, match="parent has 0 morph records, the child 0"):
         transfer_optimizer(opt, parent, mlp_parent())
+    with pytest.raises(ValueError, match="parent has 1 morph records, the child 0"):
+        transfer_optimizer(opt, child, parent)
     assert_untouched(opt, before)
+
+
+def test_lbfgs_is_refused_up_front() -> None:
+    parent = Tiny()
+    opt = torch.optim.LBFGS(parent.parameters(), lr=0.1)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(parent(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert "prev_flat_grad" in opt.state[parent.fc1.weight]  # flat state under one parameter
+    with pytest.raises(ValueError, match=r"LBFGS keeps one flat state over all parameters \(d, "
+                                         r"prev_flat_grad"):
+        transfer_optimizer(opt, parent, hand_widened(parent))
+
+
+def test_unknown_state_on_unchanged_parameters_is_copied() -> None:
+    parent = mlp_parent(2)
+    opt = Custom(parent.parameters(), lr=0.1)
+    trained(parent, opt, steps=1, in_features=8)
+    child = deepen(parent, "head", input_shape=[8, 8])  # fc1, fc2 unchanged
+    new = transfer_optimizer(opt, parent, child)
+    torch.testing.assert_close(new.state[child.fc1.weight]["trace"],
+                               opt.state[parent.fc1.weight]["trace"], rtol=0, atol=0)
+    fresh = dict(child.named_parameters())["head.first.weight"]
+    assert fresh not in new.state  # fresh: no state to map the unknown key from
+
+
+def with_lr_scale(child: nn.Module, names: dict[str, float]) -> nn.Module:
+    param_map = child._stablemorph_history[-1].report.param_map
+    for name, scale in names.items():
+        param_map[name].lr_scale = scale
+    return child
+
+
+def test_lr_scale_puts_parameters_into_their_own_groups() -> None:
+    parent = mlp_parent(4)
+    opt = torch.optim.AdamW([{"params": [p for p in parent.parameters() if p.dim() > 1]},
+                             {"params": [p for p in parent.parameters() if p.dim() == 1],
+                              "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1)
+    trained(parent, opt, steps=2, in_features=8)
+    child = with_lr_scale(deepen(parent, "fc2", input_shape=[8, 8]),
+                          {"fc2.first.weight": 0.1, "fc2.second.weight": 0.1,
+                           "fc2.first.bias": 0.25})
+    new = transfer_optimizer(opt, parent, child)
+
+    names = {id(p): n for n, p in child.named_parameters()}
+    got = [(g["lr"], g["weight_decay"], sorted(names[id(p)] for p in g["params"]))
+           for g in new.param_groups]
+    assert got[2:] == [(pytest.approx(1e-3), 0.1, ["fc2.first.weight", "fc2.second.weight"]),
+                       (pytest.approx(2.5e-3), 0.0, ["fc2.first.bias"])]
+    assert "fc2.first.weight" not in got[0][2] and "fc2.second.bias" in got[1][2]
+    assert [g["lr"] for g in new.param_groups[:2]] == [1e-2, 1e-2]
+    # the scaled parameters take steps of lr * scale (Adam's first step: about lr)
+    before = child.fc2.first.weight.detach().clone()
+    trained(child, new, steps=1, in_features=8)
+    step = (child.fc2.first.weight.detach() - before).abs().max()
+    assert 0.5e-3 < float(step) <= 1.2e-3  # lr * 0.1 (and weight decay), not lr = 1e-2
+
+
+def test_scheduler_follows_lr_scale_groups() -> None:
+    parent = mlp_parent(5)
+    opt = torch.optim.SGD(parent.parameters(), lr=0.1, momentum=0.9)
+    warm = LambdaLR(opt, lambda s: (s + 1) / 3)
+    decay = StepLR(opt, step_size=2, gamma=0.5)
+    sched = SequentialLR(opt, [warm, decay], milestones=[3])
+    for _ in range(2):
+        trained(parent, opt, steps=1, in_features=8)
+        sched.step()
+    child = with_lr_scale(deepen(parent, "fc1", input_shape=[8, 8]), {"fc1.first.weight": 0.1})
+    new_opt = transfer_optimizer(opt, parent, child)
+    new_sched = transfer_scheduler(sched, new_opt)
+    assert len(new_opt.param_groups) == 2
+    assert [s.base_lrs for s in new_sched._schedulers] == [pytest.approx([0.1, 0.01])] * 2
+    for _ in range(4):
+        trained(parent, opt, steps=1, in_features=8)
+        sched.step()
+        trained(child, new_opt, steps=1, in_features=8)
+        new_sched.step()
+        lr = sched.get_last_lr()[0]
+        assert new_sched.get_last_lr() == pytest.approx([lr, 0.1 * lr])
+        assert [g["lr"] for g in new_opt.param_groups] == pytest.approx([lr, 0.1 * lr])
+
+
+def test_a_recorded_stand_in_chooses_group_and_borrowed_state() -> None:
+    parent = mlp_parent(6)
+    opt = torch.optim.Adam([{"params": [parent.fc1.weight, parent.fc1.bias]},
+                            {"params": [parent.fc2.weight, parent.fc2.bias, parent.head.weight,
+                                        parent.head.bias], "lr": 1e-3}], lr=1e-2)
+    trained(parent, opt, steps=3, in_features=8)
+    child = deepen(parent, "fc1", input_shape=[8, 8])
+    param_map = child._stablemorph_history[-1].report.param_map
+    param_map["fc1.first.weight"].stand_in = "fc2.weight"  # by name it would be fc1.weight
+    new = transfer_optimizer(opt, parent, child,
+                             rule=TransferRule(scaled=frozenset(), fresh_state="borrow"))
+    p = child.fc1.first.weight
+    assert any(p is q for q in new.param_groups[1]["params"])
+    src = opt.state[parent.fc2.weight]
+    torch.testing.assert_close(new.state[p]["exp_avg_sq"],
+                               torch.full_like(p, float(src["exp_avg_sq"].mean())))
+    assert (new.state[p]["exp_avg"] == 0).all() and float(new.state[p]["step"]) == 3.0
 
 
 def test_refuses_an_optimiser_over_other_tensors() -> None:
@@ -349,7 +477,8 @@ def test_refuses_unknown_per_entry_state() -> None:
     opt = Custom(parent.parameters(), lr=0.1)
     trained(parent, opt, steps=1)
     before = snapshot(opt)
-    with pytest.raises(ValueError, match=r"Custom keeps a per-entry state 'trace' for 'fc1"):
+    with pytest.raises(ValueError,
+                       match=r"Custom keeps a per-entry state 'trace' \(4, 3\) for 'fc1"):
         transfer_optimizer(opt, parent, hand_widened(parent))
     assert_untouched(opt, before)
 
@@ -362,3 +491,32 @@ def test_refuses_a_record_with_wrong_shapes() -> None:
     with pytest.raises(ValueError, match=r"'fc2.bias' \(2,\) does not match its origin "
                                          r"'fc1.bias' \(4,\)"):
         transfer_optimizer(opt, parent, child)
+
+
+def test_the_default_rule_is_the_measured_one() -> None:
+    """benchmarks/results/optim_rule.md: momentum scaled like the weights, Adam's moments
+    copied, fresh parameters borrow their stand-in's statistics."""
+    assert RULE == TransferRule(scaled=frozenset({"momentum_buffer"}), fresh_state="borrow")
+    parent = Tiny()
+    adam = torch.optim.Adam(parent.parameters(), lr=1e-2)
+    trained(parent, adam, steps=2)
+    child = hand_widened(parent)
+    st = transfer_optimizer(adam, parent, child).state[child.fc2.weight]
+    old = adam.state[parent.fc2.weight]
+    torch.testing.assert_close(st["exp_avg"][:, 4], old["exp_avg"][:, 1], rtol=0, atol=0)
+    torch.testing.assert_close(st["exp_avg_sq"][:, 4], old["exp_avg_sq"][:, 1], rtol=0, atol=0)
+
+    parent = mlp_parent(8)
+    adam = torch.optim.Adam(parent.parameters(), lr=1e-2)
+    trained(parent, adam, steps=3, in_features=8)
+    child = deepen(parent, "fc2", input_shape=[8, 8])
+    fresh = child.fc2.first.weight
+    st = transfer_optimizer(adam, parent, child).state[fresh]
+    src = adam.state[parent.fc2.weight]  # its stand-in, by name
+    assert float(st["step"]) == 3.0 and (st["exp_avg"] == 0).all()
+    torch.testing.assert_close(st["exp_avg_sq"],
+                               torch.full_like(fresh, float(src["exp_avg_sq"].mean())))
+    with pytest.raises(ValueError, match="fresh_state must be 'none' or 'borrow', got 'zero'"):
+        TransferRule(scaled=frozenset(), fresh_state="zero")
+    with pytest.raises(ValueError, match=r"unknown state keys \['velocity'\]"):
+        TransferRule(scaled=frozenset({"velocity"}), fresh_state="none")

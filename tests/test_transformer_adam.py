@@ -1,4 +1,5 @@
-"""Adam/AdamW state carried over a growth, from the growths' param_map."""
+"""Adam/AdamW state carried over transformer growths by the one optimiser transfer
+(:func:`stablemorph.optim.transfer_optimizer`; ``transfer_adam`` is its alias)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from stablemorph.record import ParamOrigin, last_report
+from stablemorph.optim import TransferRule, transfer_optimizer
+from stablemorph.record import ParamOrigin, compose_origins, last_report
 from stablemorph.transformer import (
     GPT,
     SCHEMES,
@@ -19,7 +21,6 @@ from stablemorph.transformer import (
     insert_block,
     transfer_adam,
 )
-from stablemorph.transformer.adam import analogue_name, compose_param_maps
 from stablemorph.transformer.train import OptimConfig, lm_loss, make_adamw
 
 torch.set_num_threads(1)
@@ -53,13 +54,15 @@ def snapshot_state(opt: torch.optim.Optimizer) -> dict:
     return copy.deepcopy(opt.state_dict())
 
 
+@pytest.mark.parametrize("borrow", [False, True])
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("growth", GROWTHS)
-def test_state_follows_the_param_map(growth: str, scheme: str) -> None:
+def test_state_follows_the_param_map(growth: str, scheme: str, borrow: bool) -> None:
     parent, opt = trained_with_adamw()
     before = snapshot_state(opt)
     child = GROWTHS[growth](parent, scheme)
-    new = transfer_adam(opt, parent, child)
+    rule = TransferRule(scaled=frozenset(), fresh_state="borrow" if borrow else "none")
+    new = transfer_optimizer(opt, parent, child, rule=rule)
     torch.testing.assert_close(opt.state_dict(), before, rtol=0, atol=0)
 
     assert type(new) is torch.optim.AdamW
@@ -73,15 +76,22 @@ def test_state_follows_the_param_map(growth: str, scheme: str) -> None:
     parent_params = dict(parent.named_parameters())
     for name, p in child.named_parameters():
         origin = last_report(child).param_map[name]
-        state = new.state[p]
-        assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
-        assert float(state["step"]) == 3.0
         if origin.source is None:
-            src = opt.state[parent_params[analogue_name(name, origin, set(parent_params))]]
-            assert (state["exp_avg"] == 0).all()
+            # the growth records the parameter it stands in for: same kind, same group
+            assert origin.stand_in in parent_params, name
+            assert name.rsplit(".", 1)[-1] == origin.stand_in.rsplit(".", 1)[-1]
+            if not borrow:
+                assert p not in new.state
+                continue
+            src = opt.state[parent_params[origin.stand_in]]
+            state = new.state[p]
+            assert float(state["step"]) == 3.0 and (state["exp_avg"] == 0).all()
             torch.testing.assert_close(state["exp_avg_sq"],
                                        torch.full_like(p, float(src["exp_avg_sq"].mean())))
             continue
+        state = new.state[p]
+        assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
+        assert float(state["step"]) == 3.0
         src = opt.state[parent_params[origin.source]]
         if origin.index is None:
             torch.testing.assert_close(state["exp_avg"], src["exp_avg"], rtol=0, atol=0)
@@ -89,7 +99,7 @@ def test_state_follows_the_param_map(growth: str, scheme: str) -> None:
         for k, i in enumerate(origin.index.tolist()):
             m, v = state["exp_avg"].select(origin.dim, k), state["exp_avg_sq"].select(
                 origin.dim, k)
-            if i >= 0:
+            if i >= 0:  # copied unscaled under this rule
                 torch.testing.assert_close(m, src["exp_avg"].select(origin.dim, i))
                 torch.testing.assert_close(v, src["exp_avg_sq"].select(origin.dim, i))
             else:
@@ -114,18 +124,18 @@ def test_transfer_after_a_chain_of_growths() -> None:
     torch.testing.assert_close(new.state[fc]["exp_avg"][:64], src, rtol=0, atol=0)
 
 
-def test_compose_param_maps() -> None:
+def test_compose_origins() -> None:
     inner = {"b": ParamOrigin("a", 0, torch.tensor([0, 1, 1, -1]), torch.tensor([1., .5, .5, 1.])),
-             "c": ParamOrigin(None), "d": ParamOrigin("x")}
+             "c": ParamOrigin(None, stand_in="z", lr_scale=0.5), "d": ParamOrigin("x")}
     outer = {"b2": ParamOrigin("b", 0, torch.tensor([2, 3, -1, 0]), torch.tensor([2.] * 4)),
              "c2": ParamOrigin("c"), "d2": ParamOrigin("d", 1, torch.tensor([0])),
              "e": ParamOrigin("b", 1, torch.tensor([0]))}
-    out = compose_param_maps(outer, inner)
+    out = compose_origins(outer, inner)
     assert out["b2"].source == "a" and out["b2"].index.tolist() == [1, -1, -1, 0]
     assert out["b2"].scale.tolist()[0] == 1.0 and out["b2"].scale.tolist()[3] == 2.0
-    assert out["c2"].source is None
+    assert out["c2"].source is None and out["c2"].stand_in == "z" and out["c2"].lr_scale == 0.5
     assert out["d2"].source == "x" and out["d2"].dim == 1
-    assert out["e"].source is None  # indexed along two dims
+    assert out["e"].source is None and out["e"].stand_in == "a"  # indexed along two dims
 
 
 def test_frozen_parameters_stay_out_of_the_optimiser() -> None:
@@ -147,9 +157,9 @@ def test_errors() -> None:
     child = grow_mlp(parent, 70)
     with pytest.raises(TypeError, match="handles Adam and AdamW, got SGD"):
         transfer_adam(torch.optim.SGD(parent.parameters(), lr=0.1), parent, child)
-    with pytest.raises(ValueError, match="GPT was not grown from this GPT"):
+    with pytest.raises(ValueError, match="the child was not morphed from the parent"):
         transfer_adam(opt, child, parent)
     other, _ = trained_with_adamw()
-    with pytest.raises(ValueError, match=r"holds a \(29, 16\) parameter that is not one of the "
-                                         "parent's"):
+    with pytest.raises(ValueError, match=r"holds a \(29, 16\) tensor that is not a parameter "
+                                         "of the parent GPT"):
         transfer_adam(opt, other, grow_mlp(other, 70))  # opt holds another model's params

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from stablemorph.morphs import MorphError
 from stablemorph.record import history, last_report
 from stablemorph.transformer import (
     GPT,
@@ -233,21 +234,24 @@ def test_non_gpt_and_non_finite_weights_are_refused() -> None:
         parent.blocks[1].mlp.fc.weight[0, 0] = float("nan")
     before = snapshot(parent)
     for growth in GROWTHS.values():
-        with pytest.raises(ValueError, match=r"'blocks.1.mlp.fc.weight' \(64, 16\) has non-fin"):
+        with pytest.raises(MorphError, match=r"layer 'blocks.1.mlp.fc': parameter "
+                                             r"'blocks.1.mlp.fc.weight' has non-finite"):
             growth(parent, scheme="stable")
     assert_untouched(parent, before)
 
 
 def test_an_inexact_growth_is_caught_by_its_self_check(monkeypatch) -> None:
-    # Break the cancellation of stable's new units: the probe must notice.
+    # Break the cancellation of stable's new heads: the shared contract's probe must notice,
+    # in eval and in train mode.
     monkeypatch.setattr(units_module, "_zero_sum", lambda cols, groups, size: cols)
     parent = trained_like()
     before = snapshot(parent)
     with pytest.raises(GrowthVerificationError,
-                       match=r"grow_mlp\('blocks.0.mlp,blocks.1.mlp', scheme='stable'\) is not "
-                             r"function-preserving: max_rel=\S+ > tol=1.0e-05"):
-        grow_mlp(parent, 80, scheme="stable")
-    assert issubclass(GrowthVerificationError, ValueError)
+                       match=r"grow_heads 'blocks.0.attn,blocks.1.attn' \(scheme 'stable'\) does "
+                             r"not preserve the function: eval: max_rel=\S+, train: max_rel=\S+ "
+                             r"> tolerance 1.0e-05"):
+        grow_heads(parent, 4, scheme="stable")
+    assert GrowthVerificationError is MorphError
     assert_untouched(parent, before)
 
 
@@ -258,3 +262,45 @@ def test_the_self_check_uses_the_probe_given() -> None:
     assert last_report(child).max_rel == 0.0
     with pytest.raises(ValueError, match="exceeds block_size"):
         grow_heads(parent, 3, probe=torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_growths_are_morphs_save_load_and_run_from_the_cli(tmp_path, capsys) -> None:
+    from stablemorph import MORPHS, apply, load, save
+    from stablemorph.cli import MORPH_OPS, main
+
+    assert sorted(MORPH_OPS) == sorted(MORPHS)
+    parent = trained_like(tie_head=True)
+    child = grow(parent, d_model=32, n_head=3, d_mlp=80, n_layer=3, scheme="stable")
+    replayed = parent
+    for record in history(child):  # every record replays through sm.apply
+        replayed = apply(record.op, replayed, record.target, **record.kwargs)
+    for (name, p), q in zip(child.named_parameters(), replayed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    save(child, tmp_path / "child.pt")
+    loaded = load(tmp_path / "child.pt")
+    assert loaded.config == child.config and loaded.head.weight is loaded.wte.weight
+    assert_same_function(child, loaded, tol=0.0)
+
+    assert main(["morph", "--checkpoint", str(tmp_path / "child.pt"), "--op", "insert_block",
+                 "--at", "blocks.3", "--kwargs", '{"seed": 1}', "--out",
+                 str(tmp_path / "deeper.pt")]) == 0
+    assert "insert_block('blocks.3', scheme='stable')" in capsys.readouterr().out
+    deeper = load(tmp_path / "deeper.pt")
+    assert deeper.config.n_layer == 4
+    assert_same_function(child, deeper)
+
+
+def test_morph_targets_are_checked() -> None:
+    from stablemorph import apply
+
+    parent = trained_like()
+    with pytest.raises(MorphError, match=r"grow_mlp: target 'fc1' names no blocks; use e\.g\. "
+                                         r"'blocks\.0\.mlp,blocks\.1\.mlp'"):
+        apply("grow_mlp", parent, "fc1", d_mlp=80)
+    with pytest.raises(MorphError, match=r"insert_block: target must be 'blocks.<index>'"):
+        apply("insert_block", parent, "blocks")
+    with pytest.raises(MorphError, match=r"grow_d_model: target must be 'd_model'"):
+        apply("grow_d_model", parent, "blocks.0", d_model=32)
+    child = apply("grow_heads", parent, "blocks.1", n_head=3)
+    assert [b.n_head for b in child.config.blocks] == [2, 3]
+    assert history(child)[-1].target == "blocks.1.attn"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stablemorph.morphs import widen
 from stablemorph.record import last_report
 from stablemorph.transformer import GPT, GPTConfig, grow_heads, grow_mlp
 
@@ -49,18 +50,32 @@ def test_netmorph_units_have_random_fan_in_and_zero_fan_out() -> None:
     assert (child.blocks[1].mlp.proj.weight.detach()[:, 64:] == 0).all()
 
 
-def test_stable_units_come_in_cancelling_groups() -> None:
+def test_stable_units_come_in_cancelling_pairs() -> None:
     parent = trained_like()
-    child = grow_mlp(parent, 69, scheme="stable")  # 5 new units: a pair, then a triple
+    child = grow_mlp(parent, 69, scheme="stable")  # 5 new units: two pairs, one split copy
     fc = child.blocks[0].mlp.fc.weight.detach()[64:]
     proj = child.blocks[0].mlp.proj.weight.detach()[:, 64:]
     torch.testing.assert_close(fc[0], fc[1], rtol=0, atol=0)
-    torch.testing.assert_close(fc[2], fc[4], rtol=0, atol=0)
+    torch.testing.assert_close(fc[2], fc[3], rtol=0, atol=0)
     assert not torch.allclose(fc[0], fc[2])
-    torch.testing.assert_close(proj[:, :2].sum(1), torch.zeros(16), rtol=0, atol=1e-7)
-    torch.testing.assert_close(proj[:, 2:].sum(1), torch.zeros(16), rtol=0, atol=1e-6)
+    torch.testing.assert_close(proj[:, 0], -proj[:, 1], rtol=0, atol=0)  # widen's (Z, -Z)
+    torch.testing.assert_close(proj[:, 2], -proj[:, 3], rtol=0, atol=0)
+    origin = last_report(child).param_map["blocks.0.mlp.fc.weight"]
+    assert origin.index[64:68].tolist() == [-1] * 4 and int(origin.index[68]) >= 0
     assert (proj != 0).all() and (fc != 0).all()
     assert_same_logits(parent, child)
+
+
+def test_grow_mlp_is_widen_of_each_blocks_fc() -> None:
+    """The same child as ``sm.widen`` of ``blocks.<b>.mlp.fc`` (out_scale 1: no rescaling)."""
+    parent = trained_like()
+    child = grow_mlp(parent, 72, blocks=[1], scheme="stable", seed=5, out_scale=1.0)
+    block = widen(parent.blocks[1], "mlp.fc", 72, scheme="stable", seed=6,
+                  input_shape=[2, 8, 16])
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(dict(child.blocks[1].named_parameters())[name], p,
+                                   rtol=0, atol=0)
+    assert child.config.blocks[1].d_mlp == 72 and child.config.blocks[0].d_mlp == 64
 
 
 def test_stable_single_unit_is_an_unequal_split() -> None:

@@ -155,4 +155,4 @@ def test_bad_arguments_are_rejected() -> None:
 
 
 def test_factory_table_matches_documented_names() -> None:
-    assert set(MODELS) == {"mlp", "cnn", "vgg", "resnet", "depthwise", "cnn1d"}
+    assert set(MODELS) == {"mlp", "cnn", "vgg", "resnet", "depthwise", "cnn1d", "gpt"}

@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The keys of stablemorph.morphs.MORPHS (not imported here: --help stays fast; a test checks).
+MORPH_OPS = ["deepen", "widen", "enlarge_kernel", "insert_subnet", "grow_mlp", "grow_heads",
+             "grow_d_model", "insert_block"]
 EPILOG = "Documentation and measured results: README.md of the stablemorph repository."
 
 
@@ -195,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     morph.add_argument("--checkpoint", type=Path, required=True, help="the parent's file")
     morph.add_argument(
-        "--op", required=True, choices=["deepen", "widen", "enlarge_kernel", "insert_subnet"]
+        "--op", required=True, choices=MORPH_OPS,
+        help="the morph (transformer growths need a saved stablemorph.transformer.GPT)",
     )
     morph.add_argument("--at", required=True, help="the layer's dotted name, e.g. features.conv1")
     morph.add_argument("--scheme", default="stable", choices=["stable", "netmorph", "net2net"])

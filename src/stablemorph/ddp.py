@@ -59,7 +59,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -69,11 +69,13 @@ from torch import Tensor, nn
 from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from stablemorph.experiment.data import Dataset
-from stablemorph.experiment.train import Record, batch_indices, evaluate
 from stablemorph.morphs import apply
 from stablemorph.optim import transfer_optimizer
 from stablemorph.record import history
+
+if TYPE_CHECKING:  # the experiment stack is imported only by train_ddp (import hygiene)
+    from stablemorph.experiment.data import Dataset
+    from stablemorph.experiment.train import Record
 
 _MB = 1024 * 1024
 # Imported once by the fork server (a missing one is skipped): DDP's constructor imports
@@ -98,7 +100,8 @@ def morph_ddp(
     Args:
         ddp_model: the DDP-wrapped parent. Not modified.
         op: the morph, a key of :data:`stablemorph.morphs.MORPHS` (``"deepen"``,
-            ``"widen"``, ``"enlarge_kernel"``, ``"insert_subnet"``).
+            ``"widen"``, ``"enlarge_kernel"``, ``"insert_subnet"``, and the transformer
+            growths ``"grow_mlp"``, ``"grow_heads"``, ``"grow_d_model"``, ``"insert_block"``).
         target: the layer to morph, as named inside ``ddp_model.module``.
         optimizer: an optimiser over the module's parameters, carried over to the child's
             (not modified); ``None``: no optimiser returned.
@@ -213,6 +216,8 @@ def train_ddp(
     ``train``) runs on rank 0 on the unwrapped module; every rank returns the same records,
     whose ``train_loss`` is the mean over the global batches.
     """
+    from stablemorph.experiment.train import batch_indices, evaluate
+
     if not 0 <= start_step <= steps:
         raise ValueError(f"need 0 <= start_step <= steps, got start_step={start_step}, {steps=}")
     n = len(data.y_train)

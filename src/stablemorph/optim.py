@@ -1,44 +1,62 @@
-"""Carry an optimiser (and its learning-rate scheduler) over a morph.
+"""Carry an optimiser (and its learning-rate scheduler) over one morph or a chain of morphs.
 
-:func:`transfer_optimizer` reads only the ``param_map`` of the child's latest
-:class:`~stablemorph.record.MorphRecord` (one :class:`~stablemorph.record.ParamOrigin` per child
-parameter), so it works the same for every morph type and scheme. It returns a *new* optimiser
-of the same class, hyper-parameters and param groups over the child's parameters; the caller's
-optimiser, its state and the parent are not modified (every state tensor is copied).
+:func:`transfer_optimizer` reads only the ``param_map`` of the morphs between the parent and
+the child (one :class:`~stablemorph.record.ParamOrigin` per child parameter; several morphs
+are composed with :func:`~stablemorph.record.compose_origins`), so it works the same for every
+morph type, scheme and architecture (CNN morphs and transformer growths alike). It returns a
+*new* optimiser of the same class, hyper-parameters and param groups over the child's
+parameters; the caller's optimiser, its state and the parent are not modified (every state
+tensor is copied).
 
-State of a child parameter, by origin:
+State of a child parameter, by origin (one rule per (optimiser family, state entry):
+:data:`STATE_KINDS` says how each per-entry state key maps, :data:`RULE` settles the two open
+choices by measurement, ``benchmarks/results/optim_rule.md``):
 
-- **unchanged** (``index is None``): the source's state, copied as is (``step`` included).
+- **unchanged** (``index is None``): the source's state, copied as is (``step`` and any
+  per-entry state included, known or not).
 - **indexed** (``child.select(dim, k) = parent.select(dim, index[k]) * scale[k]``): every state
-  tensor of the parameter's shape is indexed the same way. A *first-moment* tensor (SGD's
-  ``momentum_buffer``, Adam's ``exp_avg``) is a displacement of the weights, so it is scaled
-  like them (``* scale``); a *second-moment* tensor (``exp_avg_sq``, ``max_exp_avg_sq``,
-  RMSprop's ``square_avg``) by ``scale ** 2``; Adamax's ``exp_inf`` by ``|scale|``. Why the
-  weights' map: a Net2Net copy with outgoing share ``s`` then moves, under momentum alone,
-  exactly as the parent's unit moved, so the child's momentum step changes the function
-  exactly as the parent's did (tested); for Adam, ``exp_avg / sqrt(exp_avg_sq)`` is the
-  parent's, so each entry's next step has the parent's size. Scalars (``step``) are kept.
+  tensor of the parameter's shape is indexed the same way. A momentum buffer (SGD's, RMSprop's
+  ``momentum_buffer``) is a velocity of the weights and is scaled like them (``* scale``): a
+  Net2Net copy with outgoing share ``s`` then moves, under momentum alone, exactly as the
+  parent's unit moved (tested). Gradient statistics (Adam's ``exp_avg``, ``exp_avg_sq``,
+  ``max_exp_avg_sq``, RMSprop's ``square_avg``, ``grad_avg``, Adamax's ``exp_inf``) are
+  copied unscaled: the gradient of a split copy's outgoing weight is its parent's, not
+  ``scale`` times it. Measured over 5 paired seeds (CNN on digits, the GPT on text): under
+  AdamW copying gave the smaller post-growth loss rise (GPT 0.059 vs 0.069 nats, every seed);
+  under SGD scaling was as good or slightly better. Scalars (``step``) are kept.
 - **new units** of an indexed parameter (``index[k] < 0``): first moments 0; second moments
   (and ``exp_inf``) the *mean* of the source's, not 0. The step count is one tensor per
   parameter and stays the parent's ``t``; Adam's bias correction then divides by
   ``1 - beta ** t`` (about 1 for a trained model), so zero moments would make a new entry's
-  first update ``lr (1 - b1) / sqrt(1 - b2)``, about ``3.2 lr``: three times a full Adam step
-  (``0.98 lr`` at ``t = 100``, ``2.5 lr`` at ``t = 1000``). With the mean second moment it
-  starts below the typical step and grows as ``exp_avg`` fills in.
-- **fresh** (``source is None``: decomposed factors, new layers, a re-made kernel): no state.
-  The optimiser starts it from scratch at its first step (Adam's ``step = 0``), so Adam's
-  bias correction is exact for it.
+  first update ``lr (1 - b1) / sqrt(1 - b2)``, about ``3.2 lr``; with the mean second moment
+  it starts below the typical step and grows as ``exp_avg`` fills in.
+- **fresh** (``source is None``: decomposed factors, new layers, re-encoded readers): the
+  state of its *stand-in* (the ``stand_in`` the morph recorded, else the nearest parent
+  parameter by name, below), treated as for new units: first moments 0, second moments the
+  stand-in's mean, ``step`` the stand-in's. Without state Adam's first step from ``step = 0``
+  moves every fresh entry by the full rate at once; measured under AdamW, borrowing cut the
+  GPT's post-growth rise from 0.24 to 0.06 nats (5 of 5 seeds). Under SGD a zero momentum
+  buffer is the same as none. A stand-in with an unknown per-entry key gives no state.
 
 Param groups (one rule for every morph): a child parameter with a source joins its source's
-group, and is left out when the optimiser did not hold its source (frozen or excluded).
-A fresh parameter stands in for the *nearest* parent parameter: the one sharing the most
-leading components of its dotted name, ties broken by the same last component (``bias``
-before ``weight`` for a bias), then the same number of dimensions (so a per-channel slope
-goes with biases, matching the usual "no weight decay on 1-D tensors" split), then parent
-order; it joins that parameter's group, or is left out where the optimiser did not hold it.
-A fresh parameter sharing no leading name component with any parent parameter joins group
-0. Fresh parameters with ``requires_grad=False`` are left out. Groups keep their order (an
-emptied group stays, so per-group scheduler lists still line up).
+group, and is left out when the optimiser did not hold its source (frozen or excluded). A
+fresh parameter joins the group of its stand-in: the recorded ``stand_in``, else the *nearest*
+parent parameter: the one sharing the most leading components of its dotted name, ties broken
+by the same last component (``bias`` before ``weight`` for a bias), then the same number of
+dimensions (so a per-channel slope goes with biases, matching the usual "no weight decay on
+1-D tensors" split), then parent order; it is left out where the optimiser did not hold its
+stand-in, and joins group 0 when no parent parameter shares a leading name component. Fresh
+parameters with ``requires_grad=False`` are left out. Groups keep their order, and an emptied
+group stays, so per-group scheduler lists still line up.
+
+Learning-rate multipliers: a child parameter whose origin has ``lr_scale != 1`` goes into an
+extra group (appended after the original ones, one per (group, scale)), a copy of its group's
+hyper-parameters with ``lr`` (and a scheduler's ``initial_lr``, ``max_lr``, ``min_lr``) times
+the scale; :func:`transfer_scheduler` then extends the scheduler's per-group lists the same
+way (``base_lrs`` scaled, lambdas repeated).
+
+Optimisers whose state is not per parameter (:class:`torch.optim.LBFGS`: flat ``d``,
+``prev_flat_grad`` and curvature pairs over all parameters) are refused up front.
 
 Schedulers: :func:`transfer_scheduler` returns a copy of a scheduler driving the new
 optimiser (same ``last_epoch``, base rates and lambdas); the original keeps driving the old
@@ -51,6 +69,7 @@ import copy
 import inspect
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
@@ -58,7 +77,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from stablemorph.record import MorphRecord, ParamOrigin, history
+from stablemorph.record import MorphRecord, ParamOrigin, compose_origins, history
 
 # State keys of the stock optimisers that hold one value per parameter entry, by how they
 # map: "first" like the weights, "square" like their square, "magnitude" like |weights|.
@@ -72,10 +91,48 @@ STATE_KINDS: dict[str, str] = {
     "exp_inf": "magnitude",
 }
 _SCALE_POWER = {"first": 1, "square": 2, "magnitude": 1}
+# Param-group keys that are learning rates (scaled by ``lr_scale``), and scheduler attributes
+# that hold one learning rate (scaled) or one rule (repeated) per param group.
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+_SCHED_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
+_SCHED_GROUP_LISTS = ("lr_lambdas", "base_momentums", "max_momentums")
+_GROUP_MAP_ATTR = "_stablemorph_group_map"
+
+
+@dataclass(frozen=True)
+class TransferRule:
+    """The two choices the state mapping leaves open (module docstring).
+
+    ``scaled``: the per-entry state keys of indexed parameters scaled like the weights
+    (``scale``, ``scale ** 2``, ``|scale|`` by :data:`STATE_KINDS`); the others are copied as
+    they are. ``fresh_state``: ``"none"`` (fresh parameters start without state) or
+    ``"borrow"`` (zero first moments, the stand-in's mean second moments and step).
+    """
+
+    scaled: frozenset[str]
+    fresh_state: str
+
+    def __post_init__(self) -> None:
+        if self.fresh_state not in ("none", "borrow"):
+            raise ValueError(f"TransferRule.fresh_state must be 'none' or 'borrow', got "
+                             f"{self.fresh_state!r}")
+        unknown = set(self.scaled) - set(STATE_KINDS)
+        if unknown:
+            raise ValueError(f"TransferRule.scaled: unknown state keys {sorted(unknown)}")
+
+
+#: The rule, one per (optimiser family, state entry), settled by benchmarks/optim_rule.py
+#: (benchmarks/results/optim_rule.md): momentum buffers (SGD, RMSprop) scale like the weights;
+#: gradient statistics (Adam's and RMSprop's averages) are copied; fresh parameters borrow.
+RULE = TransferRule(scaled=frozenset({"momentum_buffer"}), fresh_state="borrow")
 
 
 def transfer_optimizer(
-    optimizer: torch.optim.Optimizer, parent: nn.Module, child: nn.Module
+    optimizer: torch.optim.Optimizer,
+    parent: nn.Module,
+    child: nn.Module,
+    *,
+    rule: TransferRule | None = None,
 ) -> torch.optim.Optimizer:
     """A new optimiser over ``child``'s parameters carrying ``optimizer``'s state (module
     docstring for the rules).
@@ -83,19 +140,30 @@ def transfer_optimizer(
     Args:
         optimizer: an optimiser over (some of) ``parent``'s parameters, e.g. SGD with
             momentum, Adam, AdamW, RMSprop. Not modified.
-        parent: the model the morph was applied to. Not modified.
-        child: the model the morph returned; its latest history record describes the morph.
+        parent: the model the morphs were applied to. Not modified.
+        child: the model one or several morphs returned (its history extends the parent's).
+        rule: the state-mapping choices (default :data:`RULE`; other values for experiments).
 
     Returns:
         An optimiser of ``type(optimizer)`` with the same defaults and one param group per
-        original group (same hyper-parameters, ``lr`` and ``initial_lr`` included).
+        original group (same hyper-parameters, ``lr`` and ``initial_lr`` included), plus one
+        group per (group, ``lr_scale``) for parameters whose origin sets ``lr_scale != 1``.
 
     Raises:
-        ValueError: ``child`` is not ``parent`` plus one morph; the optimiser holds a tensor
-            that is not one of ``parent``'s parameters; a state tensor whose shape does not
-            match its parameter, or whose key is unknown (the optimiser is not supported).
+        ValueError: ``child``'s history does not extend ``parent``'s; the optimiser holds a
+            tensor that is not one of ``parent``'s parameters; an optimiser with flat state
+            (LBFGS); a changed parameter's state tensor whose shape does not match it, or
+            whose key is unknown (the optimiser is not supported).
     """
-    record = _last_morph(parent, child)
+    rule = RULE if rule is None else rule
+    kind = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "transfer_optimizer: LBFGS keeps one flat state over all parameters (d, "
+            "prev_flat_grad, old_dirs, old_stps) whose curvature pairs a morph invalidates; "
+            "build a new torch.optim.LBFGS over the child's parameters (its history restarts)"
+        )
+    param_map = morphs_param_map(parent, child)
     parent_params = dict(parent.named_parameters())
     name_of = {id(p): n for n, p in parent_params.items()}
     group_of: dict[str, int] = {}
@@ -108,24 +176,29 @@ def transfer_optimizer(
                 )
             group_of[name_of[id(p)]] = gi
 
-    param_map = record.report.param_map
-    groups: list[list[tuple[str, nn.Parameter]]] = [[] for _ in optimizer.param_groups]
+    members: list[tuple[int, float, str, nn.Parameter]] = []
     states: dict[nn.Parameter, dict[str, Any]] = {}
     for name, p in child.named_parameters():
         if name not in param_map:
             raise ValueError(
-                f"transfer_optimizer: the {record.op} record of {record.target!r} has no "
-                f"origin for child parameter {name!r}"
+                f"transfer_optimizer: the morph records have no origin for child parameter "
+                f"{name!r}"
             )
         origin = param_map[name]
         if origin.is_fresh:
             if not p.requires_grad:
                 continue
-            stand_in = _nearest(name, p, parent_params)
+            stand_in = origin.stand_in if origin.stand_in in parent_params else _nearest(
+                name, p, parent_params)
             if stand_in is None:
-                groups[0].append((name, p))
+                members.append((0, origin.lr_scale, name, p))
             elif stand_in in group_of:
-                groups[group_of[stand_in]].append((name, p))
+                members.append((group_of[stand_in], origin.lr_scale, name, p))
+                old_state = optimizer.state.get(parent_params[stand_in])
+                if rule.fresh_state == "borrow" and old_state:
+                    borrowed = _borrow_state(old_state, parent_params[stand_in], p)
+                    if borrowed is not None:
+                        states[p] = borrowed
             continue
         source = origin.source
         if source not in parent_params:
@@ -136,23 +209,30 @@ def transfer_optimizer(
         if source not in group_of:
             continue
         _check_shapes(name, p, source, parent_params[source], origin)
-        groups[group_of[source]].append((name, p))
+        members.append((group_of[source], origin.lr_scale, name, p))
         old_state = optimizer.state.get(parent_params[source])
         if old_state:
-            states[p] = _map_state(old_state, origin, parent_params[source], name,
-                                   type(optimizer).__name__)
+            states[p] = _map_state(old_state, origin, parent_params[source], name, kind,
+                                   rule.scaled)
 
+    # One group per original group (kept even when empty), then one per (group, lr_scale).
+    keys: list[tuple[int, float]] = [(gi, 1.0) for gi in range(len(optimizer.param_groups))]
+    keys += list(dict.fromkeys((gi, s) for gi, s, _, _ in members if s != 1.0))
     named = any("param_names" in g for g in optimizer.param_groups)
     new_groups = []
-    for group, members in zip(optimizer.param_groups, groups, strict=True):
-        hyper = {k: copy.deepcopy(v) for k, v in group.items()
+    for gi, scale in keys:
+        hyper = {k: copy.deepcopy(v) for k, v in optimizer.param_groups[gi].items()
                  if k not in ("params", "param_names")}
-        params = members if named else [p for _, p in members]
-        new_groups.append({**hyper, "params": params})
+        for k in _LR_KEYS:
+            if k in hyper and scale != 1.0:
+                hyper[k] = hyper[k] * scale
+        chosen = [(n, p) for g, s, n, p in members if (g, s) == (gi, scale)]
+        new_groups.append({**hyper, "params": chosen if named else [p for _, p in chosen]})
     cls = type(optimizer)
     new = cls(new_groups, **constructor_kwargs(cls, optimizer.defaults))
     for p, state in states.items():
         new.state[p] = state
+    setattr(new, _GROUP_MAP_ATTR, keys)
     return new
 
 
@@ -161,33 +241,65 @@ def transfer_scheduler(scheduler: LRScheduler, optimizer: torch.optim.Optimizer)
     schedulers) driving ``optimizer``, typically the result of :func:`transfer_optimizer`.
 
     ``scheduler`` keeps driving its own optimiser and is not modified. The new optimiser must
-    have as many param groups as the old one (:func:`transfer_optimizer` keeps them).
+    have as many param groups as the old one, or be the result of :func:`transfer_optimizer`
+    with extra ``lr_scale`` groups: the scheduler's per-group lists then grow with them
+    (``base_lrs`` and last rates scaled, lambdas repeated).
     """
     old = scheduler.optimizer
-    if len(old.param_groups) != len(optimizer.param_groups):
+    n_old, n_new = len(old.param_groups), len(optimizer.param_groups)
+    group_map = getattr(optimizer, _GROUP_MAP_ATTR, None)
+    extend = (group_map is not None and len(group_map) == n_new
+              and all(gi < n_old for gi, _ in group_map) and n_new != n_old)
+    if n_old != n_new and not extend:
         raise ValueError(
-            f"transfer_scheduler: the scheduler drives {len(old.param_groups)} param groups, "
-            f"the new optimiser has {len(optimizer.param_groups)}"
+            f"transfer_scheduler: the scheduler drives {n_old} param groups, "
+            f"the new optimiser has {n_new}"
         )
     # Every reference to the old optimiser (nested schedulers included) becomes the new one.
     new = copy.deepcopy(scheduler, memo={id(old): optimizer})
+    if extend:
+        _extend_group_lists(new, group_map, n_old)
     _track_step_calls(optimizer)
     return new
 
 
-def _last_morph(parent: nn.Module, child: nn.Module) -> MorphRecord:
-    """The record of the one morph that made ``child`` from ``parent``."""
+def morphs_param_map(parent: nn.Module, child: nn.Module) -> dict[str, ParamOrigin]:
+    """The param map of every morph between ``parent`` and ``child``, composed (child
+    parameter name -> origin in ``parent``)."""
+    records = _morphs_between(parent, child)
+    result = records[0].report.param_map
+    for record in records[1:]:
+        result = compose_origins(record.report.param_map, result)
+    return result
+
+
+def _morphs_between(parent: nn.Module, child: nn.Module) -> list[MorphRecord]:
+    """The records of the morphs that made ``child`` from ``parent`` (at least one)."""
     before, after = history(parent), history(child)
-    same = len(after) == len(before) + 1 and all(
+    extends = len(after) > len(before) and all(
         (a.op, a.target, a.kwargs) == (b.op, b.target, b.kwargs)
         for a, b in zip(before, after, strict=False)
     )
-    if not same:
+    if not extends:
         raise ValueError(
-            f"transfer_optimizer: the child is not the parent plus one morph (the parent has "
-            f"{len(before)} morph records, the child {len(after)}); transfer after each morph"
+            f"transfer_optimizer: the child was not morphed from the parent (the parent has "
+            f"{len(before)} morph records, the child {len(after)}, and the child's history "
+            f"must extend the parent's)"
         )
-    return after[-1]
+    return after[len(before):]
+
+
+def _extend_group_lists(scheduler: Any, group_map: list[tuple[int, float]], n_old: int) -> None:
+    """Grow ``scheduler``'s per-group lists (and its nested schedulers') to ``group_map``."""
+    for nested in getattr(scheduler, "_schedulers", []):
+        _extend_group_lists(nested, group_map, n_old)
+    for attr in (*_SCHED_LR_LISTS, *_SCHED_GROUP_LISTS):
+        values = getattr(scheduler, attr, None)
+        if not isinstance(values, list) or len(values) != n_old:
+            continue
+        scaled = attr in _SCHED_LR_LISTS
+        setattr(scheduler, attr, [values[gi] * s if scaled else values[gi]
+                                  for gi, s in group_map])
 
 
 def _nearest(name: str, p: Tensor, parent_params: dict[str, nn.Parameter]) -> str | None:
@@ -223,37 +335,53 @@ def _check_shapes(name: str, p: Tensor, source: str, q: Tensor, origin: ParamOri
 
 
 def _map_state(state: dict[str, Any], origin: ParamOrigin, source: Tensor, name: str,
-               optimizer: str) -> dict[str, Any]:
-    """The child's state for one parameter from its source's ``state``; new tensors only."""
+               optimizer: str, scaled: frozenset[str]) -> dict[str, Any]:
+    """The child's state for one parameter from its source's ``state``; new tensors only.
+    An unchanged parameter's state is copied whatever its keys; an indexed one's per-entry
+    tensors must be of a known kind (:data:`STATE_KINDS`)."""
     out: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(value, Tensor):
             out[key] = copy.deepcopy(value)
-            continue
-        if value.shape != source.shape or value.dim() == 0:
-            out[key] = value.clone()  # scalars such as Adam's step
-            continue
-        if key not in STATE_KINDS:
+        elif origin.index is None or value.dim() == 0:
+            out[key] = value.clone()  # unchanged parameter, or a scalar such as Adam's step
+        elif value.shape != source.shape or key not in STATE_KINDS:
             raise ValueError(
-                f"transfer_optimizer: {optimizer} keeps a per-entry state {key!r} for "
-                f"{name!r} whose mapping is unknown; supported keys: {sorted(STATE_KINDS)}"
+                f"transfer_optimizer: {optimizer} keeps a per-entry state {key!r} "
+                f"{tuple(value.shape)} for {name!r} whose mapping is unknown; supported "
+                f"keys: {sorted(STATE_KINDS)}"
             )
-        if origin.index is None:
-            out[key] = value.clone()
         else:
-            out[key] = _index_state(value, origin, STATE_KINDS[key])
+            out[key] = _index_state(value, origin, STATE_KINDS[key], key in scaled)
     return out
 
 
-def _index_state(value: Tensor, origin: ParamOrigin, kind: str) -> Tensor:
-    """``value`` indexed along ``origin.dim`` by ``origin.index``, scaled by ``scale **
-    power`` (``|scale|`` for magnitudes); new units (index < 0): 0 for first moments, the
-    mean for the others."""
+def _borrow_state(state: dict[str, Any], stand_in: Tensor, p: Tensor) -> dict[str, Any] | None:
+    """A fresh parameter's state borrowed from its stand-in's (first moments 0, the others
+    the stand-in's mean, scalars copied); ``None`` when a per-entry key is unknown."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            out[key] = copy.deepcopy(value)
+        elif value.dim() == 0:
+            out[key] = value.clone()
+        elif value.shape != stand_in.shape or key not in STATE_KINDS:
+            return None
+        else:
+            fill = 0.0 if STATE_KINDS[key] == "first" else float(value.double().mean())
+            out[key] = torch.full(p.shape, fill, dtype=value.dtype, device=p.device)
+    return out
+
+
+def _index_state(value: Tensor, origin: ParamOrigin, kind: str, scaled: bool) -> Tensor:
+    """``value`` indexed along ``origin.dim`` by ``origin.index`` (scaled by ``scale **
+    power``, ``|scale|`` for magnitudes, when ``scaled``); new units (index < 0): 0 for first
+    moments, the mean for the others."""
     index = origin.index.to(value.device)
     taken = value.index_select(origin.dim, index.clamp(min=0))
     shape = [1] * value.dim()
     shape[origin.dim] = -1
-    if origin.scale is not None:
+    if origin.scale is not None and scaled:
         scale = origin.scale.to(device=value.device, dtype=torch.float64)
         scale = scale.abs() if kind == "magnitude" else scale ** _SCALE_POWER[kind]
         taken = taken * scale.to(value.dtype).view(shape)

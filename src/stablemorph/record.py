@@ -30,12 +30,21 @@ class ParamOrigin:
       index[k]) * scale[k]`` for every ``k`` with ``index[k] >= 0``; entries with
       ``index[k] < 0`` are new units with no parent counterpart (fresh state).
       ``scale`` is 1 where omitted.
+
+    ``stand_in`` (fresh parameters): the parent parameter a fresh one stands in for, whose
+    optimiser param group it joins and whose optimiser state statistics it may borrow
+    (:mod:`stablemorph.optim`); ``None``: the nearest parent parameter by name.
+    ``lr_scale``: the child parameter's learning rate relative to its param group's
+    (:func:`stablemorph.optim.transfer_optimizer` gives parameters with ``lr_scale != 1``
+    their own groups).
     """
 
     source: str | None
     dim: int | None = None
     index: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    stand_in: str | None = None
+    lr_scale: float = 1.0
 
     @property
     def is_fresh(self) -> bool:
@@ -85,6 +94,47 @@ class MorphRecord:
     target: str
     kwargs: dict[str, Any]
     report: MorphReport
+
+
+def compose_origins(outer: dict[str, ParamOrigin], inner: dict[str, ParamOrigin]
+                    ) -> dict[str, ParamOrigin]:
+    """The param map of two morphs in a row: ``outer`` (child <- middle) after ``inner``
+    (middle <- parent) gives child <- parent.
+
+    Index maps along the same dim compose (scales multiply, new units stay new); along two
+    different dims they cannot be expressed, and the entry becomes fresh with the parent
+    parameter as its stand-in. ``lr_scale`` multiplies along a chain of sources; a fresh
+    parameter keeps its own, and its stand-in is mapped back to the parent.
+    """
+
+    def back(name: str | None) -> str | None:
+        i = inner.get(name) if name is not None else None
+        return None if i is None else (i.source if i.source is not None else i.stand_in)
+
+    out: dict[str, ParamOrigin] = {}
+    for name, o in outer.items():
+        i = inner.get(o.source) if o.source is not None else None
+        if i is None or i.source is None:
+            stand_in = back(o.stand_in) if o.source is None else back(o.source)
+            lr = o.lr_scale * (1.0 if i is None else i.lr_scale)
+            out[name] = ParamOrigin(None, stand_in=stand_in, lr_scale=lr)
+            continue
+        lr = o.lr_scale * i.lr_scale
+        if o.index is None:
+            out[name] = ParamOrigin(i.source, i.dim, i.index, i.scale, lr_scale=lr)
+        elif i.index is None:
+            out[name] = ParamOrigin(i.source, o.dim, o.index, o.scale, lr_scale=lr)
+        elif i.dim == o.dim:
+            at = o.index.clamp(min=0)
+            index = torch.where(o.index >= 0, i.index[at], -1)
+            o_scale = torch.ones(len(o.index), dtype=torch.float64) if o.scale is None else o.scale
+            i_scale = (torch.ones(len(i.index), dtype=torch.float64) if i.scale is None
+                       else i.scale)
+            scale = o_scale.double() * i_scale.double()[at]
+            out[name] = ParamOrigin(i.source, o.dim, index, scale, lr_scale=lr)
+        else:
+            out[name] = ParamOrigin(None, stand_in=i.source, lr_scale=lr)
+    return out
 
 
 def history(model: nn.Module) -> list[MorphRecord]:

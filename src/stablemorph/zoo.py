@@ -26,6 +26,9 @@ Module names (stable; morphs and tests refer to them):
                 ``dw_bn``, ``dw_act`` (3x3, ``groups=C``) and ``pw``, ``pw_bn``, ``pw_act``
                 (1x1); then ``pool``, ``flatten``, ``classifier``
 - ``cnn1d``     like ``cnn`` with ``Conv1d`` / ``BatchNorm1d`` / ``MaxPool1d``
+- ``gpt``       :class:`stablemorph.transformer.GPT` from ``GPTConfig.to_dict()`` keyword
+                arguments (``wte``, ``wpe``, ``blocks.{i}`` with ``ln1``, ``attn.q/k/v/proj``,
+                ``ln2``, ``mlp.fc/proj``; ``ln_f``, ``head``); every GPT records this recipe
 """
 
 from __future__ import annotations
@@ -362,7 +365,16 @@ class SmallCNN1d(nn.Module):
         return self.classifier(self.flatten(self.features(x)))
 
 
+def _gpt(**config: Any) -> nn.Module:
+    """The project GPT (:class:`stablemorph.transformer.GPT`) from the keyword arguments of
+    ``GPTConfig.to_dict()`` (every GPT records this recipe on itself)."""
+    from stablemorph.transformer.model import GPT, GPTConfig
+
+    return GPT(GPTConfig.from_dict(config))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "gpt": _gpt,
     "mlp": MLP,
     "cnn": SmallCNN,
     "vgg": VGG,

@@ -3,6 +3,9 @@
 Every morph returns a new model computing the same function and attaches a
 :class:`~stablemorph.record.MorphRecord` whose ``op``, ``target`` and ``kwargs`` replay it:
 ``apply(record.op, base, record.target, **record.kwargs)`` rebuilds the same architecture.
+Layer morphs: ``deepen``, ``widen``, ``enlarge_kernel``, ``insert_subnet``; transformer
+growths of a :class:`stablemorph.transformer.GPT` (through the same contract):
+``grow_mlp``, ``grow_heads``, ``grow_d_model``, ``insert_block``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,26 @@ from stablemorph.morphs.kernel import enlarge_kernel
 from stablemorph.morphs.subnet import ResidualBranch, insert_subnet
 from stablemorph.morphs.widen import widen
 
+
+def _growth(op: str) -> Callable[..., nn.Module]:
+    """The transformer growth ``op`` (:data:`stablemorph.transformer.grow.GROWTHS`), imported
+    on first use (the transformer package builds on this one)."""
+
+    def morph(model: nn.Module, target: str, **kwargs: Any) -> nn.Module:
+        from stablemorph.transformer.grow import GROWTHS
+
+        return GROWTHS[op](model, target, **kwargs)
+
+    morph.__name__ = morph.__qualname__ = op
+    return morph
+
+
 MORPHS: dict[str, Callable[..., nn.Module]] = {
     "deepen": deepen,
     "widen": widen,
     "enlarge_kernel": enlarge_kernel,
     "insert_subnet": insert_subnet,
+    **{op: _growth(op) for op in ("grow_mlp", "grow_heads", "grow_d_model", "insert_block")},
 }
 
 

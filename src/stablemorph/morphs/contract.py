@@ -48,12 +48,15 @@ class Surgery:
 
     ``origins``: child parameter name -> origin, for every new or changed parameter (all
     others must be the parent's parameter of the same name, unchanged); ``residual``: the
-    morphism equation's relative residual where one was solved.
+    morphism equation's relative residual where one was solved; ``changed``: the new or
+    changed parameters whose zeros are counted (default: every name in ``origins``; a
+    surgery that renames unchanged parameters lists only the others).
     """
 
     origins: dict[str, ParamOrigin] = field(default_factory=dict)
     residual: float | None = None
     notes: list[str] = field(default_factory=list)
+    changed: list[str] | None = None
 
 
 SurgeryFn = Callable[[nn.Module, tuple[Tensor, ...]], Surgery]
@@ -210,7 +213,7 @@ def run_morph(
             param_map[name] = ParamOrigin(source=name)
         else:  # a surgery bug, not a user error
             raise RuntimeError(f"{op}: child parameter {name!r} has no recorded origin")
-    changed = list(done.origins)
+    changed = list(done.origins) if done.changed is None else list(done.changed)
 
     try:
         check = verify(model, child, probe)

@@ -1,11 +1,15 @@
 """Growing a trained decoder-only transformer exactly and densely.
 
 - :mod:`.model`: the tiny GPT (:class:`GPT`, :class:`GPTConfig`, :class:`BlockSpec`);
-- growths, each returning a new model with the same logits and a
-  :class:`~stablemorph.record.MorphRecord`: :func:`grow_mlp` (MLP width),
-  :func:`grow_heads` (attention heads), :func:`grow_d_model` (residual stream, LayerNorm
-  exact), :func:`insert_block` (depth), :func:`grow` (all of them to a target size);
-- :func:`transfer_adam`: the Adam/AdamW state of the grown model;
+- growths, morphs like any other (run through :func:`stablemorph.morphs.contract.run_morph`,
+  registered in :data:`stablemorph.morphs.MORPHS`, so ``sm.apply``, ``sm.morph_ddp`` and
+  ``stablemorph morph`` take them), each returning a new model with the same logits and a
+  :class:`~stablemorph.record.MorphRecord`: :func:`grow_mlp` (MLP width: ``sm.widen`` of
+  each block's ``mlp.fc``), :func:`grow_heads` (attention heads), :func:`grow_d_model`
+  (residual stream, LayerNorm exact), :func:`insert_block` (depth), :func:`grow` (a chain of
+  them to a target size);
+- optimiser state: :func:`stablemorph.transfer_optimizer` (``transfer_adam`` is its
+  Adam/AdamW-only alias);
 - :mod:`.text`, :mod:`.train`, :mod:`.experiment`: the character-level growth experiment.
 
 Schemes: ``"net2net"`` (copies), ``"netmorph"`` (zero-initialised new parts), ``"stable"``

@@ -23,24 +23,22 @@ Random entries take the rms of the neighbour's corresponding tensor as their sca
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 from torch import Tensor
 
+from stablemorph.morphs.contract import MorphError, check_scheme
 from stablemorph.record import ParamOrigin
 from stablemorph.transformer.heads import head_units
-from stablemorph.transformer.mlp_width import mlp_units
-from stablemorph.transformer.model import GPT, INIT_STD
+from stablemorph.transformer.model import GPT, INIT_STD, BlockSpec, GPTConfig
 from stablemorph.transformer.surgery import (
     ChildParams,
     check_out_scale,
     check_parent,
-    check_scheme,
-    finish_growth,
     rms,
+    run_growth,
 )
-from stablemorph.transformer.units import DEFAULT_OUT_SCALE, add_units
+from stablemorph.transformer.units import DEFAULT_OUT_SCALE, Units, add_units
 
 _LN = ("ln1", "ln2")
 _PROJ = ("attn.proj", "mlp.proj")
@@ -62,23 +60,36 @@ def insert_block(
     :func:`stablemorph.transformer.grow_mlp`. ``model`` is never modified.
     """
     op = "insert_block"
-    started = time.perf_counter()
-    check_scheme(op, scheme)
     check_parent(op, model)
+    check_scheme(scheme)
     check_out_scale(op, out_scale)
     n = model.config.n_layer
     if not isinstance(index, int) or not 0 <= index <= n:
-        raise ValueError(f"{op}: unknown block index {index!r}; insert at 0..{n}")
+        raise MorphError(f"{op}: unknown block index {index!r}; insert at 0..{n}")
     nb = max(index - 1, 0)
     spec = model.config.blocks[nb] if n else None
     if spec is None:
-        raise ValueError(f"{op}: the model has no block to shape the new one after")
+        raise MorphError(f"{op}: the model has no block to shape the new one after")
     if scheme == "stable" and (spec.n_head < 2 or spec.d_mlp < 2):
-        raise ValueError(
+        raise MorphError(
             f"{op}: scheme 'stable' needs >= 2 heads and >= 2 MLP units to cancel, block {nb} "
             f"has {spec.n_head} heads and {spec.d_mlp} units"
         )
 
+    def plan(child: GPT) -> tuple[GPTConfig, ChildParams]:
+        params = _plan(child, index, nb, spec, scheme, seed, out_scale)
+        blocks = list(child.config.blocks)
+        blocks.insert(index, spec)
+        return dataclasses.replace(child.config, blocks=tuple(blocks)), params
+
+    kwargs = {"scheme": scheme, "seed": seed, "out_scale": out_scale}
+    return run_growth(op, model, f"blocks.{index}", scheme, kwargs, plan, probe, tol)
+
+
+def _plan(model: GPT, index: int, nb: int, spec: BlockSpec, scheme: str, seed: int,
+          out_scale: float) -> ChildParams:
+    """The child's parameters: the parent's, renamed, and the new block's (module
+    docstring)."""
     parent = ChildParams.from_parent(model)
     params = ChildParams({}, {}, {})
     for name, value in parent.values.items():
@@ -132,21 +143,13 @@ def insert_block(
                 params.values[f"{new}.{m}.bias"] = sign * c
 
     params.new.update(n for n in params.values if n.startswith(f"{new}."))
-    blocks = list(model.config.blocks)
-    blocks.insert(index, spec)
-    config = dataclasses.replace(model.config, blocks=tuple(blocks))
-    return finish_growth(
-        op=op,
-        target=new,
-        scheme=scheme,
-        kwargs={"index": index, "scheme": scheme, "seed": seed, "out_scale": out_scale},
-        parent=model,
-        config=config,
-        params=params,
-        probe=probe,
-        tol=tol,
-        started=started,
-    )
+    return params
+
+
+def mlp_units(block: int) -> Units:
+    p = f"blocks.{block}.mlp"
+    return Units(incoming=(f"{p}.fc.weight", f"{p}.fc.bias"), outgoing=(f"{p}.proj.weight",),
+                 size=1)
 
 
 def _shifted(name: str, index: int) -> str:

@@ -7,14 +7,48 @@ on its own). New blocks are spread evenly: for ``n_layer = 2 L`` one after every
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import Any
+
 from torch import Tensor
 
+from stablemorph.morphs.contract import MorphError
 from stablemorph.transformer.depth import insert_block
 from stablemorph.transformer.heads import grow_heads
 from stablemorph.transformer.mlp_width import grow_mlp
 from stablemorph.transformer.model import GPT
 from stablemorph.transformer.stream import grow_d_model
+from stablemorph.transformer.surgery import as_morph, blocks_of
 from stablemorph.transformer.units import DEFAULT_OUT_SCALE
+
+
+def _d_model_target(target: str) -> dict[str, Any]:
+    if target not in ("", "d_model"):
+        raise MorphError(f"grow_d_model: target must be 'd_model' (the residual stream), got "
+                         f"{target!r}")
+    return {}
+
+
+def _insert_target(target: str) -> dict[str, Any]:
+    match = re.fullmatch(r"blocks\.(\d+)", target)
+    if match is None:
+        raise MorphError(f"insert_block: target must be 'blocks.<index>' (the new block's "
+                         f"index), got {target!r}")
+    return {"index": int(match.group(1))}
+
+
+#: The transformer growths as morphs (entries of :data:`stablemorph.morphs.MORPHS`):
+#: ``GROWTHS[op](model, target, **kwargs)``. Targets: ``"blocks.0.mlp,blocks.1.mlp"`` /
+#: ``"blocks.0.attn"`` (``"blocks"``: every block), ``"d_model"``, ``"blocks.<index>"``.
+GROWTHS: dict[str, Callable[..., GPT]] = {
+    "grow_mlp": as_morph("grow_mlp", grow_mlp,
+                         lambda t: {"blocks": blocks_of("grow_mlp", t, "mlp")}),
+    "grow_heads": as_morph("grow_heads", grow_heads,
+                           lambda t: {"blocks": blocks_of("grow_heads", t, "attn")}),
+    "grow_d_model": as_morph("grow_d_model", grow_d_model, _d_model_target),
+    "insert_block": as_morph("insert_block", insert_block, _insert_target),
+}
 
 
 def insertion_points(n_layer: int, n_new: int) -> list[int]:
@@ -63,9 +97,9 @@ def grow(
     if n_layer is not None:
         n = model.config.n_layer
         if n_layer <= n:
-            raise ValueError(f"grow: n_layer={n_layer} is not larger than the current {n}")
+            raise MorphError(f"grow: n_layer={n_layer} is not larger than the current {n}")
         for index in insertion_points(n, n_layer - n):
             child = insert_block(child, index, seed=next_seed(), **common)
     if child is model:
-        raise ValueError("grow: nothing to grow; give d_model, n_head, d_mlp or n_layer")
+        raise MorphError("grow: nothing to grow; give d_model, n_head, d_mlp or n_layer")
     return child

@@ -12,19 +12,19 @@ output columns cancel (``stable``).
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 from torch import Tensor
 
-from stablemorph.transformer.model import GPT
+from stablemorph.morphs.contract import MorphError
+from stablemorph.transformer.model import GPT, GPTConfig
 from stablemorph.transformer.surgery import (
     ChildParams,
+    blocks_target,
     check_blocks,
     check_out_scale,
     check_parent,
-    check_scheme,
-    finish_growth,
+    run_growth,
 )
 from stablemorph.transformer.units import DEFAULT_OUT_SCALE, Units, add_units
 
@@ -50,37 +50,28 @@ def grow_heads(
     ``head_dim`` and which computes the same logits as ``model``.
 
     ``n_head`` must be larger than each chosen block's head count. Other arguments as in
-    :func:`stablemorph.transformer.grow_mlp`. ``model`` is never modified.
+    :func:`stablemorph.transformer.grow_mlp`. ``model`` is never modified. As a morph:
+    ``sm.apply("grow_heads", model, "blocks.0.attn,blocks.1.attn", n_head=...)``.
     """
     op = "grow_heads"
-    started = time.perf_counter()
-    check_scheme(op, scheme)
     check_parent(op, model)
     check_out_scale(op, out_scale)
     chosen = check_blocks(op, model, blocks)
-    specs = list(model.config.blocks)
     for b in chosen:
-        if n_head <= specs[b].n_head:
-            raise ValueError(
-                f"{op}: n_head={n_head} is not larger than block {b}'s {specs[b].n_head} heads"
-            )
-    gen = torch.Generator().manual_seed(seed)
-    params = ChildParams.from_parent(model)
-    for b in chosen:
-        units = head_units(b, specs[b].head_dim)
-        add_units(params, units, n_head, scheme, gen, out_scale=out_scale)
-        specs[b] = dataclasses.replace(specs[b], n_head=n_head)
-    config = dataclasses.replace(model.config, blocks=tuple(specs))
-    return finish_growth(
-        op=op,
-        target=",".join(f"blocks.{b}.attn" for b in chosen),
-        scheme=scheme,
-        kwargs={"n_head": n_head, "blocks": chosen, "scheme": scheme, "seed": seed,
-                "out_scale": out_scale},
-        parent=model,
-        config=config,
-        params=params,
-        probe=probe,
-        tol=tol,
-        started=started,
-    )
+        if n_head <= model.config.blocks[b].n_head:
+            raise MorphError(f"{op}: n_head={n_head} is not larger than block {b}'s "
+                             f"{model.config.blocks[b].n_head} heads")
+
+    def plan(child: GPT) -> tuple[GPTConfig, ChildParams]:
+        gen = torch.Generator().manual_seed(seed)
+        params = ChildParams.from_parent(child)
+        specs = list(child.config.blocks)
+        for b in chosen:
+            add_units(params, head_units(b, specs[b].head_dim), n_head, scheme, gen,
+                      out_scale=out_scale)
+            specs[b] = dataclasses.replace(specs[b], n_head=n_head)
+        return dataclasses.replace(child.config, blocks=tuple(specs)), params
+
+    kwargs = {"n_head": n_head, "scheme": scheme, "seed": seed, "out_scale": out_scale}
+    return run_growth(op, model, blocks_target(chosen, "attn"), scheme, kwargs, plan, probe, tol)
+

@@ -1,34 +1,33 @@
-"""Growing the MLP hidden width of transformer blocks, exactly.
+"""Growing the MLP hidden width of transformer blocks, exactly: :func:`stablemorph.widen` of
+each block's ``mlp.fc``.
 
-``grow_mlp(model, d_mlp)`` gives the chosen blocks ``d_mlp`` hidden units; the new units are
-made by :func:`stablemorph.transformer.units.add_units` (copies, zero fan-out, or dense
-cancelling groups). GELU acts on each unit separately, so every scheme is exact.
+``grow_mlp(model, d_mlp)`` widens ``blocks.<b>.mlp.fc`` (and with it ``mlp.proj``'s columns)
+to ``d_mlp`` units with the generic widen (copies with split outgoing shares, zero fan-out, or
+dense cancelling pairs), then keeps the :class:`GPTConfig` in step. GELU acts on each unit
+separately, so every scheme is exact. The one transformer-specific step is ``out_scale``
+(``stable``): the new pairs' outgoing columns ``(Z, -Z)`` are scaled by it, which keeps their
+cancellation exact (:mod:`stablemorph.transformer.units` says why 0.1).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 from torch import Tensor
 
+from stablemorph.morphs.contract import MorphError, Surgery
+from stablemorph.morphs.widen import widen
+from stablemorph.record import HISTORY_ATTR, ParamOrigin, last_report
 from stablemorph.transformer.model import GPT
 from stablemorph.transformer.surgery import (
-    ChildParams,
+    blocks_target,
     check_blocks,
     check_out_scale,
     check_parent,
-    check_scheme,
-    finish_growth,
+    run_morph_on_gpt,
 )
-from stablemorph.transformer.units import DEFAULT_OUT_SCALE, Units, add_units
-
-
-def mlp_units(block: int) -> Units:
-    p = f"blocks.{block}.mlp"
-    return Units(incoming=(f"{p}.fc.weight", f"{p}.fc.bias"), outgoing=(f"{p}.proj.weight",),
-                 size=1)
+from stablemorph.transformer.units import DEFAULT_OUT_SCALE
 
 
 def grow_mlp(
@@ -47,38 +46,52 @@ def grow_mlp(
 
     ``d_mlp`` must be larger than each chosen block's current width. ``probe``: token ids
     ``(B, T)`` for the self-check (default: a fixed random batch); ``tol``: largest relative
-    logit deviation accepted (default 1e-5 in float32/64); ``out_scale`` (``stable`` only):
-    rms of the new units' outgoing weights relative to the existing ones' (see
-    :mod:`stablemorph.transformer.units`: why 0.1). ``model`` is never modified.
+    logit deviation accepted (default by dtype, :func:`stablemorph.verify.default_tolerance`);
+    ``out_scale`` (``stable`` only): rms of the new units' outgoing weights relative to the
+    existing ones' (see :mod:`stablemorph.transformer.units`: why 0.1). ``model`` is never
+    modified. As a morph: ``sm.apply("grow_mlp", model, "blocks.0.mlp", d_mlp=...)``.
     """
     op = "grow_mlp"
-    started = time.perf_counter()
-    check_scheme(op, scheme)
     check_parent(op, model)
     check_out_scale(op, out_scale)
     chosen = check_blocks(op, model, blocks)
-    specs = list(model.config.blocks)
     for b in chosen:
-        if d_mlp <= specs[b].d_mlp:
-            raise ValueError(
-                f"{op}: d_mlp={d_mlp} is not larger than block {b}'s MLP width {specs[b].d_mlp}"
-            )
-    gen = torch.Generator().manual_seed(seed)
-    params = ChildParams.from_parent(model)
-    for b in chosen:
-        add_units(params, mlp_units(b), d_mlp, scheme, gen, out_scale=out_scale)
-        specs[b] = dataclasses.replace(specs[b], d_mlp=d_mlp)
-    config = dataclasses.replace(model.config, blocks=tuple(specs))
-    return finish_growth(
-        op=op,
-        target=",".join(f"blocks.{b}.mlp" for b in chosen),
-        scheme=scheme,
-        kwargs={"d_mlp": d_mlp, "blocks": chosen, "scheme": scheme, "seed": seed,
-                "out_scale": out_scale},
-        parent=model,
-        config=config,
-        params=params,
-        probe=probe,
-        tol=tol,
-        started=started,
-    )
+        if d_mlp <= model.config.blocks[b].d_mlp:
+            raise MorphError(f"{op}: d_mlp={d_mlp} is not larger than block {b}'s MLP width "
+                             f"{model.config.blocks[b].d_mlp}")
+
+    def surgery(child: GPT, _probe: tuple[Tensor, ...]) -> Surgery:
+        origins: dict[str, ParamOrigin] = {}
+        notes = []
+        specs = list(child.config.blocks)
+        shape = [2, min(8, child.config.block_size), child.config.d_model]
+        for b in chosen:
+            block = widen(child.blocks[b], "mlp.fc", d_mlp, scheme=scheme, seed=seed + b,
+                          input_shape=shape, tol=tol)
+            report = last_report(block)
+            object.__delattr__(block, HISTORY_ATTR)
+            if scheme == "stable":
+                _scale_fresh_columns(block.mlp.proj.weight, report.param_map["mlp.proj.weight"],
+                                     out_scale)
+            child.blocks[b] = block
+            prefix = f"blocks.{b}."
+            for name in report.changed:
+                o = report.param_map[name]
+                origins[prefix + name] = dataclasses.replace(
+                    o, source=None if o.source is None else prefix + o.source)
+            notes.append(f"block {b}: {report.summary()}")
+            specs[b] = dataclasses.replace(specs[b], d_mlp=d_mlp)
+        child.config = dataclasses.replace(child.config, blocks=tuple(specs))
+        return Surgery(origins=origins, notes=notes)
+
+    kwargs = {"d_mlp": d_mlp, "scheme": scheme, "seed": seed, "out_scale": out_scale}
+    return run_morph_on_gpt(op, model, blocks_target(chosen, "mlp"), scheme, kwargs, surgery,
+                            probe, tol)
+
+
+@torch.no_grad()
+def _scale_fresh_columns(weight: torch.nn.Parameter, origin: ParamOrigin, factor: float) -> None:
+    """Scale the columns of units with no parent counterpart (``index < 0``: widen's
+    cancelling pairs, whose sum stays exactly zero)."""
+    fresh = (origin.index < 0).to(weight.device)
+    weight[:, fresh] *= factor

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stablemorph.zoo import BASE_ATTR
+
 INIT_STD = 0.02
 
 
@@ -171,6 +173,8 @@ class GPT(nn.Module):
         if config.tie_head:
             self.head.weight = self.wte.weight
         self.reset_parameters()
+        # The recipe checkpoints rebuild the base from (stablemorph.zoo's "gpt").
+        setattr(self, BASE_ATTR, {"name": "gpt", "kwargs": config.to_dict()})
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) weights, zero biases, residual projections scaled

@@ -51,22 +51,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from stablemorph.morphs.contract import MorphError, check_scheme
 from stablemorph.record import ParamOrigin
-from stablemorph.transformer.model import GPT
+from stablemorph.transformer.model import GPT, GPTConfig
 from stablemorph.transformer.surgery import (
     ChildParams,
     check_out_scale,
     check_parent,
-    check_scheme,
     dup_origin,
-    finish_growth,
     rms,
+    run_growth,
 )
 from stablemorph.transformer.units import DEFAULT_OUT_SCALE
 
@@ -158,27 +157,39 @@ def grow_d_model(
     ``model`` is never modified.
     """
     op = "grow_d_model"
-    started = time.perf_counter()
-    check_scheme(op, scheme)
     check_parent(op, model)
+    check_scheme(scheme)
     check_out_scale(op, out_scale)
     d = model.config.d_model
     if not isinstance(d_model, int) or d_model <= d:
-        raise ValueError(f"{op}: d_model={d_model!r} is not larger than the current {d}")
+        raise MorphError(f"{op}: d_model={d_model!r} is not larger than the current {d}")
     multiple = d_model % d == 0
     if not multiple and scheme != "stable":
-        raise ValueError(
+        raise MorphError(
             f"{op}: scheme {scheme!r} is exact with a standard LayerNorm only for multiples of "
             f"d_model={d} ({d * 2}, {d * 3}, ...), got {d_model}: copying or zero-padding part "
             f"of the stream changes the LayerNorm mean and variance. Use scheme='stable' "
             f"(any width) or a multiple."
         )
     if not multiple and model.config.tie_head:
-        raise ValueError(
+        raise MorphError(
             f"{op}: with a tied head only multiples of d_model={d} ({d * 2}, {d * 3}, ...) are "
             f"exact, got {d_model}: the head must equal the re-encoded embedding. Untie the head "
             f"or grow to a multiple."
         )
+
+    def plan(child: GPT) -> tuple[GPTConfig, ChildParams]:
+        params = _plan(child, d_model, scheme, seed, out_scale)
+        return dataclasses.replace(child.config, d_model=d_model), params
+
+    kwargs = {"d_model": d_model, "scheme": scheme, "seed": seed, "out_scale": out_scale}
+    return run_growth(op, model, "d_model", scheme, kwargs, plan, probe, tol)
+
+
+def _plan(model: GPT, d_model: int, scheme: str, seed: int, out_scale: float) -> ChildParams:
+    """The child's parameters (module docstring)."""
+    d = model.config.d_model
+    multiple = d_model % d == 0
     gen = torch.Generator().manual_seed(seed)
     smap = stream_map(d, d_model, gen)
     params = ChildParams.from_parent(model)
@@ -240,19 +251,7 @@ def grow_d_model(
     params.notes.append(
         f"stream re-encoded x' = A x by {d // smap.q} blocks of {smap.q} -> {smap.p} coordinates"
     )
-    config = dataclasses.replace(model.config, d_model=d_model)
-    return finish_growth(
-        op=op,
-        target="d_model",
-        scheme=scheme,
-        kwargs={"d_model": d_model, "scheme": scheme, "seed": seed, "out_scale": out_scale},
-        parent=model,
-        config=config,
-        params=params,
-        probe=probe,
-        tol=tol,
-        started=started,
-    )
+    return params
 
 
 def _shares(scheme: str, k: int, first: Tensor, gen: torch.Generator) -> Tensor:

@@ -1,84 +1,87 @@
-"""The contract every transformer growth keeps, in one place.
+"""What is transformer-specific in a GPT growth; the contract itself is
+:func:`stablemorph.morphs.contract.run_morph`, as for every morph.
 
-A growth (:mod:`~stablemorph.transformer.mlp_width`, :mod:`~.heads`, :mod:`~.stream`,
-:mod:`~.depth`) only works out the child's parameter values. This module does the rest:
-
-- :func:`check_parent`: the parent is a :class:`GPT` with finite weights (raise before any
-  work, so the caller's model is never touched);
-- :class:`ChildParams`: the child's parameters in float64, each with its
-  :class:`ParamOrigin` and the parent parameter it stands in for (whose ``requires_grad`` and
-  optimiser group it takes);
-- :func:`finish_growth`: builds the child on the parent's device, dtype and train/eval mode,
-  verifies it against the parent on a probe batch of token ids (raising
-  :class:`GrowthVerificationError` beyond the tolerance), measures zero fractions and
-  attaches a :class:`MorphRecord`.
-
-Deviation measure: ``max_abs = max |child - parent|`` over all logits of the probe batch and
-``max_rel = max_abs / max |parent|`` (relative to the logits' scale, so that logits near zero
-do not make the ratio meaningless).
+A growth (:mod:`~stablemorph.transformer.heads`, :mod:`~.stream`, :mod:`~.depth`) only works
+out the child's :class:`GPTConfig` and parameter values (:class:`ChildParams`, float64, each
+with its :class:`~stablemorph.record.ParamOrigin` and the parent parameter it stands in for).
+:func:`run_growth` hands that to ``run_morph``, which deep-copies the parent, verifies the
+child on a probe batch of token ids in eval and train mode against the one tolerance table
+(:func:`stablemorph.verify.default_tolerance`), counts zeros and records the morph; here the
+copy is rebuilt from the new config (:func:`rebuild`) with the parent's device, dtype,
+train/eval mode and per-parameter ``requires_grad``.
 """
 
 from __future__ import annotations
 
-import time
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from stablemorph.record import (
-    HISTORY_ATTR,
-    MorphRecord,
-    MorphReport,
-    ParamOrigin,
-    append_record,
-    history,
+from stablemorph.morphs.contract import (
+    SCHEMES,
+    MorphError,
+    Surgery,
+    check_scheme,
+    model_device,
+    model_dtype,
+    refuse_wrapped,
+    run_morph,
 )
+from stablemorph.record import ParamOrigin
 from stablemorph.transformer.model import GPT, GPTConfig
 
-SCHEMES = ("net2net", "netmorph", "stable")
+__all__ = ["SCHEMES", "GrowthVerificationError"]
+
 PROBE_BATCH = 4
 PROBE_LEN = 16
 
-
-class GrowthVerificationError(ValueError):
-    """A grown model's logits differ from its parent's beyond the tolerance."""
-
-
-def check_scheme(op: str, scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"{op}: unknown scheme {scheme!r}; choose one of {SCHEMES}")
+#: A growth that does not preserve the logits fails like every morph (kept as an alias).
+GrowthVerificationError = MorphError
 
 
-def check_parent(op: str, model: GPT) -> None:
-    """Raise ``TypeError`` for a non-GPT and ``ValueError`` naming the first parameter with
-    NaN or infinite values."""
+def check_parent(op: str, model: nn.Module) -> None:
+    """Refuse DDP wrappers (pointing to ``morph_ddp``); raise ``TypeError`` for a model that
+    is not a :class:`GPT`."""
+    refuse_wrapped(model)
     if not isinstance(model, GPT):
         raise TypeError(f"{op}: expects a stablemorph.transformer.GPT, got {type(model).__name__}")
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(f"{op}: parameter {name!r} {tuple(p.shape)} has non-finite values")
 
 
 def check_out_scale(op: str, out_scale: float) -> None:
     if not (isinstance(out_scale, int | float) and 0 < out_scale < float("inf")):
-        raise ValueError(f"{op}: out_scale must be a positive finite number, got {out_scale!r}")
+        raise MorphError(f"{op}: out_scale must be a positive finite number, got {out_scale!r}")
 
 
-def check_blocks(op: str, model: GPT, blocks: list[int] | None) -> list[int]:
+def check_blocks(op: str, model: GPT, blocks: Sequence[int] | None) -> list[int]:
     """The block indices to act on (all when ``None``), each checked to exist."""
     n = model.config.n_layer
     if blocks is None:
         return list(range(n))
     for b in blocks:
         if not isinstance(b, int) or not 0 <= b < n:
-            raise ValueError(f"{op}: unknown block index {b!r}; the model has blocks 0..{n - 1}")
+            raise MorphError(f"{op}: unknown block index {b!r}; the model has blocks 0..{n - 1}")
     return sorted(set(blocks))
 
 
-def default_tolerance(dtype: torch.dtype) -> float:
-    return 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+def blocks_of(op: str, target: str, part: str) -> list[int] | None:
+    """Block indices named by a morph target: ``"blocks.0.mlp,blocks.2.mlp"`` (``.{part}``
+    optional) -> ``[0, 2]``; ``""`` or ``"blocks"``: every block (``None``)."""
+    if target in ("", "blocks"):
+        return None
+    pattern = re.compile(rf"blocks\.(\d+)(\.{part})?")
+    found = [pattern.fullmatch(t.strip()) for t in target.split(",")]
+    if not all(found):
+        raise MorphError(f"{op}: target {target!r} names no blocks; use e.g. "
+                         f"'blocks.0.{part},blocks.1.{part}', or 'blocks' for every block")
+    return [int(m.group(1)) for m in found if m]
+
+
+def blocks_target(blocks: Sequence[int], part: str) -> str:
+    return ",".join(f"blocks.{b}.{part}" for b in blocks)
 
 
 def rms(t: Tensor) -> float:
@@ -90,7 +93,8 @@ class ChildParams:
     """The child's parameters under construction, by child parameter name.
 
     ``values`` are float64 tensors; ``origins`` say how each came from the parent;
-    ``analogue`` names the parent parameter each child parameter stands in for; ``new`` names
+    ``analogue`` names the parent parameter each child parameter stands in for (its
+    ``requires_grad``, and a fresh parameter's ``stand_in`` for optimisers); ``new`` names
     parameters of new modules (a copy there counts as new). :meth:`from_parent` starts with
     every parameter unchanged.
     """
@@ -122,100 +126,104 @@ class ChildParams:
             if o.source is None or o.index is not None or n in self.new
         ]
 
+    def recorded_origins(self) -> dict[str, ParamOrigin]:
+        """The origins, fresh ones with their analogue as ``stand_in``."""
+        return {n: ParamOrigin(None, stand_in=self.analogue[n], lr_scale=o.lr_scale)
+                if o.source is None and o.stand_in is None else o
+                for n, o in self.origins.items()}
+
 
 def dup_origin(source: str, dim: int, index: Tensor, scale: Tensor | None = None) -> ParamOrigin:
     return ParamOrigin(source, dim=dim, index=index.long(), scale=scale)
 
 
-def default_probe(model: GPT) -> Tensor:
-    """A fixed batch of random token ids ``(4, min(16, block_size))`` on the model's device."""
+def token_probe(model: GPT, shape: Sequence[int] | None = None) -> Tensor:
+    """A fixed batch of random token ids (default ``(4, min(16, block_size))``) on the model's
+    device."""
     cfg = model.config
-    gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, cfg.vocab_size, (PROBE_BATCH, min(PROBE_LEN, cfg.block_size)),
-                        generator=gen)
-    return ids.to(model.wte.weight.device)
+    shape = (PROBE_BATCH, min(PROBE_LEN, cfg.block_size)) if shape is None else tuple(shape)
+    ids = torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(1234))
+    return ids.to(model_device(model))
 
 
-def _build_child(parent: GPT, config: GPTConfig, params: ChildParams) -> GPT:
-    ref = parent.wte.weight
-    child = GPT(config).to(device=ref.device, dtype=ref.dtype)
-    parent_params = dict(parent.named_parameters())
-    child_params = dict(child.named_parameters())
-    missing = set(child_params) ^ set(params.values)
-    if missing:
-        raise RuntimeError(f"internal: child parameters and plan disagree on {sorted(missing)}")
+def rebuild(child: GPT, config: GPTConfig, params: ChildParams) -> None:
+    """Rebuild ``child`` in place as ``GPT(config)`` holding ``params``' values, keeping its
+    device, dtype, train/eval mode and (through each parameter's analogue) requires_grad."""
+    before = dict(child.named_parameters())
+    with torch.random.fork_rng(devices=[]):  # GPT's initialisation draws from the global RNG
+        fresh = GPT(config)
+    fresh.to(device=model_device(child), dtype=model_dtype(child))
+    named = dict(fresh.named_parameters())
+    if set(named) != set(params.values):
+        raise RuntimeError(f"internal: child parameters and plan disagree on "
+                           f"{sorted(set(named) ^ set(params.values))}")
     with torch.no_grad():
-        for name, p in child_params.items():
+        for name, p in named.items():
             value = params.values[name]
             if value.shape != p.shape:
-                raise RuntimeError(
-                    f"internal: {name} planned {tuple(value.shape)}, built {tuple(p.shape)}"
-                )
+                raise RuntimeError(f"internal: {name} planned {tuple(value.shape)}, built "
+                                   f"{tuple(p.shape)}")
             p.copy_(value.to(p.dtype))
-            p.requires_grad_(parent_params[params.analogue[name]].requires_grad)
-    child.train(parent.training)
-    return child
+            p.requires_grad_(before[params.analogue[name]].requires_grad)
+    fresh.train(child.training)
+    for name, module in fresh.named_children():
+        setattr(child, name, module)
+    child.config = config
 
 
-def measure_deviation(parent: GPT, child: GPT, probe: Tensor) -> tuple[float, float]:
-    """``(max_abs, max_rel)`` between the two models' logits on ``probe``."""
-    with torch.no_grad():
-        ref = parent(probe).double()
-        out = child(probe).double()
-    max_abs = float((out - ref).abs().max())
-    return max_abs, max_abs / max(float(ref.abs().max()), torch.finfo(torch.float64).tiny)
+def as_morph(op: str, growth: Callable[..., GPT],
+             parse: Callable[[str], dict[str, Any]]) -> Callable[..., GPT]:
+    """``growth`` as a morph, ``morph(model, target, **kwargs)`` (an entry of
+    :data:`stablemorph.morphs.MORPHS`): ``parse(target)`` gives the growth's block arguments;
+    ``inputs`` is the token-id probe, ``input_shape`` (what a record keeps) a random one."""
+
+    def morph(model: GPT, target: str, *, inputs: Tensor | None = None,
+              input_shape: Sequence[int] | None = None, **kwargs: Any) -> GPT:
+        check_parent(op, model)
+        if inputs is None and input_shape is not None and isinstance(model, GPT):
+            inputs = token_probe(model, input_shape)
+        return growth(model, **parse(target), probe=inputs, **kwargs)
+
+    morph.__name__ = morph.__qualname__ = op
+    morph.__doc__ = f"``{growth.__name__}`` as a morph; ``target``: see its docstring."
+    return morph
 
 
-def zero_fractions(params: ChildParams, names: list[str]) -> tuple[float, float]:
-    """Fractions of exact zeros and of ``|w| < 1e-3 * rms(tensor)`` over ``names``."""
-    total = zeros = near = 0
-    for n in names:
-        v = params.values[n]
-        total += v.numel()
-        zeros += int((v == 0).sum())
-        near += int((v.abs() < 1e-3 * rms(v)).sum())
-    return (zeros / total, near / total) if total else (0.0, 0.0)
-
-
-def finish_growth(
-    *,
+def run_morph_on_gpt(
     op: str,
+    model: GPT,
     target: str,
     scheme: str,
     kwargs: dict[str, Any],
-    parent: GPT,
-    config: GPTConfig,
-    params: ChildParams,
+    surgery: Callable[[GPT, tuple[Tensor, ...]], Surgery],
     probe: Tensor | None,
     tol: float | None,
-    started: float,
 ) -> GPT:
-    """Build, verify and record the child. Raises :class:`GrowthVerificationError` when the
-    probe logits differ by more than ``tol`` (relative); the parent is never modified."""
-    child = _build_child(parent, config, params)
-    probe = default_probe(parent) if probe is None else probe
-    tol = default_tolerance(parent.wte.weight.dtype) if tol is None else tol
-    max_abs, max_rel = measure_deviation(parent, child, probe)
-    if not max_rel <= tol:
-        raise GrowthVerificationError(
-            f"{op}({target!r}, scheme={scheme!r}) is not function-preserving: "
-            f"max_rel={max_rel:.3e} > tol={tol:.1e} (max_abs={max_abs:.3e})"
-        )
-    changed = params.changed()
-    zero, near = zero_fractions(params, changed)
-    report = MorphReport(
-        op=op,
-        target=target,
-        scheme=scheme,
-        max_abs=max_abs,
-        max_rel=max_rel,
-        zero_fraction=zero,
-        near_zero_fraction=near,
-        changed=changed,
-        param_map=dict(params.origins),
-        seconds=time.perf_counter() - started,
-        notes=list(params.notes),
-    )
-    object.__setattr__(child, HISTORY_ATTR, history(parent))
-    append_record(child, MorphRecord(op=op, target=target, kwargs=kwargs, report=report))
-    return child
+    """:func:`~stablemorph.morphs.contract.run_morph` for a GPT: ``probe`` (token ids
+    ``(B, T)``, default :func:`token_probe`) verifies the child."""
+    check_parent(op, model)
+    check_scheme(scheme)
+    probe = token_probe(model) if probe is None else probe
+    return run_morph(op, model, target, scheme, kwargs, surgery, probe, None, tol)  # type: ignore[arg-type]
+
+
+def run_growth(
+    op: str,
+    model: GPT,
+    target: str,
+    scheme: str,
+    kwargs: dict[str, Any],
+    plan: Callable[[GPT], tuple[GPTConfig, ChildParams]],
+    probe: Tensor | None,
+    tol: float | None,
+) -> GPT:
+    """A growth that plans the child's config and values: ``plan(copy)`` returns them,
+    computed from the deep copy of ``model``, which is then :func:`rebuild` from them."""
+
+    def surgery(child: GPT, _probe: tuple[Tensor, ...]) -> Surgery:
+        config, params = plan(child)
+        rebuild(child, config, params)
+        return Surgery(origins=params.recorded_origins(), notes=params.notes,
+                       changed=params.changed())
+
+    return run_morph_on_gpt(op, model, target, scheme, kwargs, surgery, probe, tol)
