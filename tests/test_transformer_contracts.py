@@ -304,3 +304,22 @@ def test_morph_targets_are_checked() -> None:
     child = apply("grow_heads", parent, "blocks.1", n_head=3)
     assert [b.n_head for b in child.config.blocks] == [2, 3]
     assert history(child)[-1].target == "blocks.1.attn"
+
+
+@pytest.mark.parametrize("growth", ["heads", "depth"])
+def test_hooks_on_rebuilt_modules_are_carried_over(growth: str) -> None:
+    parent = trained_like()
+    seen: list[tuple[int, ...]] = []
+    handle = parent.blocks[1].mlp.register_forward_hook(
+        lambda m, args, out: seen.append(tuple(out.shape)))
+    child = GROWTHS[growth](parent, scheme="stable")
+    seen.clear()
+    with torch.no_grad():
+        child(unseen_batch())
+    assert seen == [(8, 16, 16)]  # the child's block 1 (block 2 after insert_block at 1)
+    assert any("hooks carried over on ['blocks.1.mlp']" in n for n in last_report(child).notes)
+    handle.remove()  # the parent's handle still removes the parent's hook
+    seen.clear()
+    with torch.no_grad():
+        parent(unseen_batch())
+    assert seen == []

@@ -83,7 +83,8 @@ def insert_block(
         return dataclasses.replace(child.config, blocks=tuple(blocks)), params
 
     kwargs = {"scheme": scheme, "seed": seed, "out_scale": out_scale}
-    return run_growth(op, model, f"blocks.{index}", scheme, kwargs, plan, probe, tol)
+    return run_growth(op, model, f"blocks.{index}", scheme, kwargs, plan, probe, tol,
+                      rename=lambda name: _shifted(name, index))
 
 
 def _plan(model: GPT, index: int, nb: int, spec: BlockSpec, scheme: str, seed: int,
@@ -153,8 +154,9 @@ def mlp_units(block: int) -> Units:
 
 
 def _shifted(name: str, index: int) -> str:
-    """Parent parameter name -> child name once a block is inserted at ``index``."""
+    """Parent parameter or module name -> child name once a block is inserted at
+    ``index``."""
     parts = name.split(".")
-    if parts[0] == "blocks" and int(parts[1]) >= index:
+    if parts[0] == "blocks" and len(parts) > 1 and int(parts[1]) >= index:
         parts[1] = str(int(parts[1]) + 1)
     return ".".join(parts)

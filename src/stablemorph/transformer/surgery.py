@@ -146,10 +146,20 @@ def token_probe(model: GPT, shape: Sequence[int] | None = None) -> Tensor:
     return ids.to(model_device(model))
 
 
-def rebuild(child: GPT, config: GPTConfig, params: ChildParams) -> None:
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+          "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+          "_backward_pre_hooks")
+
+
+def rebuild(child: GPT, config: GPTConfig, params: ChildParams,
+            rename: Callable[[str], str] = lambda name: name) -> None:
     """Rebuild ``child`` in place as ``GPT(config)`` holding ``params``' values, keeping its
-    device, dtype, train/eval mode and (through each parameter's analogue) requires_grad."""
+    device, dtype, train/eval mode, (through each parameter's analogue) requires_grad, and
+    the hooks registered on its submodules (moved to the submodule of the same name, after
+    ``rename``; a note lists them)."""
     before = dict(child.named_parameters())
+    hooked = {name: m for name, m in child.named_modules()
+              if name and any(getattr(m, h) for h in _HOOKS)}
     with torch.random.fork_rng(devices=[]):  # GPT's initialisation draws from the global RNG
         fresh = GPT(config)
     fresh.to(device=model_device(child), dtype=model_dtype(child))
@@ -166,6 +176,12 @@ def rebuild(child: GPT, config: GPTConfig, params: ChildParams) -> None:
             p.copy_(value.to(p.dtype))
             p.requires_grad_(before[params.analogue[name]].requires_grad)
     fresh.train(child.training)
+    modules = dict(fresh.named_modules())
+    for name, old in hooked.items():
+        for h in _HOOKS:  # whole dicts: hook ids and their kwargs/always-called flags agree
+            setattr(modules[rename(name)], h, getattr(old, h))
+    if hooked:
+        params.notes.append(f"hooks carried over on {sorted(hooked)}")
     for name, module in fresh.named_children():
         setattr(child, name, module)
     child.config = config
@@ -216,13 +232,15 @@ def run_growth(
     plan: Callable[[GPT], tuple[GPTConfig, ChildParams]],
     probe: Tensor | None,
     tol: float | None,
+    rename: Callable[[str], str] = lambda name: name,
 ) -> GPT:
     """A growth that plans the child's config and values: ``plan(copy)`` returns them,
-    computed from the deep copy of ``model``, which is then :func:`rebuild` from them."""
+    computed from the deep copy of ``model``, which is then :func:`rebuild` from them
+    (``rename``: parent module name -> child module name)."""
 
     def surgery(child: GPT, _probe: tuple[Tensor, ...]) -> Surgery:
         config, params = plan(child)
-        rebuild(child, config, params)
+        rebuild(child, config, params, rename)
         return Surgery(origins=params.recorded_origins(), notes=params.notes,
                        changed=params.changed())
 
