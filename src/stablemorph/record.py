@@ -23,12 +23,13 @@ class ParamOrigin:
     """How one child parameter was made from the parent's parameters.
 
     - ``source is None``: a fresh parameter (decomposed factor, new layer); its optimiser
-      state starts empty.
+      state is made from its ``stand_in``'s (:mod:`stablemorph.optim`).
     - ``source`` set, ``index is None``: the parent's parameter ``source`` unchanged in value
       (possibly under a new name).
     - ``source`` set, ``index`` set: ``child.select(dim, k) = parent[source].select(dim,
       index[k]) * scale[k]`` for every ``k`` with ``index[k] >= 0``; entries with
-      ``index[k] < 0`` are new units with no parent counterpart (fresh state).
+      ``index[k] < 0`` are new units with no parent counterpart (their optimiser state is
+      made from the source's statistics).
       ``scale`` is 1 where omitted.
 
     ``stand_in`` (fresh parameters): the parent parameter a fresh one stands in for, whose

@@ -1,4 +1,6 @@
-"""Adding hidden units (MLP neurons or attention heads) exactly, under each scheme.
+"""Adding head-structured hidden units (attention heads, and the heads and MLP units of a new
+block) exactly, under each scheme; the MLP width of an existing block grows by
+:func:`stablemorph.widen` instead (:mod:`~stablemorph.transformer.mlp_width`).
 
 A set of units is read by ``incoming`` parameters (units along dim 0: weight rows and bias
 entries) and written out by ``outgoing`` parameters (units along dim 1: weight columns).
