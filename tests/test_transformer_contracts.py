@@ -201,6 +201,10 @@ ERRORS: list[tuple[Callable[[GPT], GPT], type[Exception], str]] = [
     (lambda m: insert_block(m, 3), ValueError, r"unknown block index 3; insert at 0..2"),
     (lambda m: insert_block(m, -1), ValueError, "unknown block index -1"),
     (lambda m: grow_mlp(m, 80, scheme="copy"), ValueError, "unknown scheme 'copy'"),
+    (lambda m: grow_mlp(m, 80, sheme="net2net"), TypeError,
+     r"grow_mlp\(\) got unexpected keyword arguments \['sheme'\]"),
+    (lambda m: grow(m, n_layer=3, tol=1e-3, inputs=None), TypeError,
+     r"grow\(\) got unexpected keyword arguments \['inputs'\]"),
 ]
 
 

@@ -23,22 +23,22 @@ Random entries take the rms of the neighbour's corresponding tensor as their sca
 from __future__ import annotations
 
 import dataclasses
+from typing import Unpack
 
 import torch
-from torch import Tensor
 
-from stablemorph.morphs.contract import MorphError, check_scheme
+from stablemorph.morphs.contract import MorphError
 from stablemorph.record import ParamOrigin
 from stablemorph.transformer.heads import head_units
 from stablemorph.transformer.model import GPT, INIT_STD, BlockSpec, GPTConfig
 from stablemorph.transformer.surgery import (
     ChildParams,
-    check_out_scale,
-    check_parent,
+    GrowthOptions,
+    Options,
     rms,
     run_growth,
 )
-from stablemorph.transformer.units import DEFAULT_OUT_SCALE, Units, add_units
+from stablemorph.transformer.units import Units, add_units
 
 _LN = ("ln1", "ln2")
 _PROJ = ("attn.proj", "mlp.proj")
@@ -47,22 +47,16 @@ _PROJ = ("attn.proj", "mlp.proj")
 def insert_block(
     model: GPT,
     index: int,
-    *,
-    scheme: str = "stable",
-    seed: int = 0,
-    probe: Tensor | None = None,
-    tol: float | None = None,
-    out_scale: float = DEFAULT_OUT_SCALE,
+    **options: Unpack[GrowthOptions],
 ) -> GPT:
     """A new GPT with an identity block inserted before block ``index`` (``0 <= index <=
     n_layer``; ``n_layer`` appends), shaped like its neighbour, computing the same logits as
-    ``model``. Blocks at and after ``index`` move up by one. Other arguments as in
-    :func:`stablemorph.transformer.grow_mlp`. ``model`` is never modified.
+    ``model``. Blocks at and after ``index`` move up by one. ``options``:
+    :class:`~stablemorph.transformer.surgery.Options`. ``model`` is never modified.
     """
     op = "insert_block"
-    check_parent(op, model)
-    check_scheme(scheme)
-    check_out_scale(op, out_scale)
+    opts = Options.check(op, model, options)
+    scheme = opts.scheme
     n = model.config.n_layer
     if not isinstance(index, int) or not 0 <= index <= n:
         raise MorphError(f"{op}: unknown block index {index!r}; insert at 0..{n}")
@@ -77,13 +71,12 @@ def insert_block(
         )
 
     def plan(child: GPT) -> tuple[GPTConfig, ChildParams]:
-        params = _plan(child, index, nb, spec, scheme, seed, out_scale)
+        params = _plan(child, index, nb, spec, scheme, opts.seed, opts.out_scale)
         blocks = list(child.config.blocks)
         blocks.insert(index, spec)
         return dataclasses.replace(child.config, blocks=tuple(blocks)), params
 
-    kwargs = {"scheme": scheme, "seed": seed, "out_scale": out_scale}
-    return run_growth(op, model, f"blocks.{index}", scheme, kwargs, plan, probe, tol,
+    return run_growth(op, model, f"blocks.{index}", opts, opts.recipe(), plan,
                       rename=lambda name: _shifted(name, index))
 
 

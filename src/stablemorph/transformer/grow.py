@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
-
-from torch import Tensor
+from typing import Any, Unpack
 
 from stablemorph.morphs.contract import MorphError
 from stablemorph.transformer.depth import insert_block
@@ -19,8 +17,7 @@ from stablemorph.transformer.heads import grow_heads
 from stablemorph.transformer.mlp_width import grow_mlp
 from stablemorph.transformer.model import GPT
 from stablemorph.transformer.stream import grow_d_model
-from stablemorph.transformer.surgery import as_morph, blocks_of
-from stablemorph.transformer.units import DEFAULT_OUT_SCALE
+from stablemorph.transformer.surgery import GrowthOptions, Options, as_morph, blocks_of
 
 
 def _d_model_target(target: str) -> dict[str, Any]:
@@ -67,18 +64,18 @@ def grow(
     n_head: int | None = None,
     d_mlp: int | None = None,
     n_layer: int | None = None,
-    scheme: str = "stable",
-    seed: int = 0,
-    probe: Tensor | None = None,
-    tol: float | None = None,
-    out_scale: float = DEFAULT_OUT_SCALE,
+    **options: Unpack[GrowthOptions],
 ) -> GPT:
     """A new GPT grown to the sizes given (``None``: keep), computing the same logits.
 
     ``n_head`` and ``d_mlp`` apply to every block; each must be larger than every block's
-    current value, ``n_layer`` larger than the current depth. Seeds of the individual growths
-    are ``seed, seed + 1, ...``. ``model`` is never modified.
+    current value, ``n_layer`` larger than the current depth. ``options``: those of every
+    growth (:class:`~stablemorph.transformer.surgery.Options`); the individual growths are
+    seeded ``seed, seed + 1, ...``. ``model`` is never modified.
     """
+    Options.check("grow", model, options)
+    common = {k: v for k, v in options.items() if k != "seed"}
+    seed = options.get("seed", 0)
     child = model
     steps = 0
 
@@ -87,7 +84,6 @@ def grow(
         steps += 1
         return seed + steps - 1
 
-    common = {"scheme": scheme, "probe": probe, "tol": tol, "out_scale": out_scale}
     if d_mlp is not None:
         child = grow_mlp(child, d_mlp, seed=next_seed(), **common)
     if n_head is not None:

@@ -12,21 +12,20 @@ output columns cancel (``stable``).
 from __future__ import annotations
 
 import dataclasses
+from typing import Unpack
 
 import torch
-from torch import Tensor
 
-from stablemorph.morphs.contract import MorphError
 from stablemorph.transformer.model import GPT, GPTConfig
 from stablemorph.transformer.surgery import (
     ChildParams,
+    GrowthOptions,
+    Options,
     blocks_target,
     check_blocks,
-    check_out_scale,
-    check_parent,
     run_growth,
 )
-from stablemorph.transformer.units import DEFAULT_OUT_SCALE, Units, add_units
+from stablemorph.transformer.units import Units, add_units
 
 
 def head_units(block: int, head_dim: int) -> Units:
@@ -40,38 +39,29 @@ def grow_heads(
     n_head: int,
     *,
     blocks: list[int] | None = None,
-    scheme: str = "stable",
-    seed: int = 0,
-    probe: Tensor | None = None,
-    tol: float | None = None,
-    out_scale: float = DEFAULT_OUT_SCALE,
+    **options: Unpack[GrowthOptions],
 ) -> GPT:
     """A new GPT whose ``blocks`` (default: all) have ``n_head`` attention heads of unchanged
     ``head_dim`` and which computes the same logits as ``model``.
 
-    ``n_head`` must be larger than each chosen block's head count. Other arguments as in
-    :func:`stablemorph.transformer.grow_mlp`. ``model`` is never modified. As a morph:
+    ``n_head`` must be larger than each chosen block's head count. ``options``:
+    :class:`~stablemorph.transformer.surgery.Options`. ``model`` is never modified. As a morph:
     ``sm.apply("grow_heads", model, "blocks.0.attn,blocks.1.attn", n_head=...)``.
     """
     op = "grow_heads"
-    check_parent(op, model)
-    check_out_scale(op, out_scale)
-    chosen = check_blocks(op, model, blocks)
-    for b in chosen:
-        if n_head <= model.config.blocks[b].n_head:
-            raise MorphError(f"{op}: n_head={n_head} is not larger than block {b}'s "
-                             f"{model.config.blocks[b].n_head} heads")
+    opts = Options.check(op, model, options)
+    chosen = check_blocks(op, model, blocks, "n_head", n_head, lambda c: f"{c} heads")
 
     def plan(child: GPT) -> tuple[GPTConfig, ChildParams]:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(opts.seed)
         params = ChildParams.from_parent(child)
         specs = list(child.config.blocks)
         for b in chosen:
-            add_units(params, head_units(b, specs[b].head_dim), n_head, scheme, gen,
-                      out_scale=out_scale)
+            add_units(params, head_units(b, specs[b].head_dim), n_head, opts.scheme, gen,
+                      out_scale=opts.out_scale)
             specs[b] = dataclasses.replace(specs[b], n_head=n_head)
         return dataclasses.replace(child.config, blocks=tuple(specs)), params
 
-    kwargs = {"n_head": n_head, "scheme": scheme, "seed": seed, "out_scale": out_scale}
-    return run_growth(op, model, blocks_target(chosen, "attn"), scheme, kwargs, plan, probe, tol)
+    return run_growth(op, model, blocks_target(chosen, "attn"), opts, opts.recipe(n_head=n_head),
+                      plan)
 

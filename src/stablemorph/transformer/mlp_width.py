@@ -12,22 +12,22 @@ cancellation exact (:mod:`stablemorph.transformer.units` says why 0.1).
 from __future__ import annotations
 
 import dataclasses
+from typing import Unpack
 
 import torch
 from torch import Tensor
 
-from stablemorph.morphs.contract import MorphError, Surgery
+from stablemorph.morphs.contract import Surgery
 from stablemorph.morphs.widen import widen
 from stablemorph.record import HISTORY_ATTR, ParamOrigin, last_report
 from stablemorph.transformer.model import GPT
 from stablemorph.transformer.surgery import (
+    GrowthOptions,
+    Options,
     blocks_target,
     check_blocks,
-    check_out_scale,
-    check_parent,
     run_morph_on_gpt,
 )
-from stablemorph.transformer.units import DEFAULT_OUT_SCALE
 
 
 def grow_mlp(
@@ -35,30 +35,21 @@ def grow_mlp(
     d_mlp: int,
     *,
     blocks: list[int] | None = None,
-    scheme: str = "stable",
-    seed: int = 0,
-    probe: Tensor | None = None,
-    tol: float | None = None,
-    out_scale: float = DEFAULT_OUT_SCALE,
+    **options: Unpack[GrowthOptions],
 ) -> GPT:
     """A new GPT whose ``blocks`` (default: all) have ``d_mlp`` MLP hidden units and which
     computes the same logits as ``model``.
 
-    ``d_mlp`` must be larger than each chosen block's current width. ``probe``: token ids
-    ``(B, T)`` for the self-check (default: a fixed random batch); ``tol``: largest relative
-    logit deviation accepted (default by dtype, :func:`stablemorph.verify.default_tolerance`);
-    ``out_scale`` (``stable`` only): rms of the new units' outgoing weights relative to the
-    existing ones' (see :mod:`stablemorph.transformer.units`: why 0.1). ``model`` is never
-    modified. As a morph: ``sm.apply("grow_mlp", model, "blocks.0.mlp", d_mlp=...)``.
+    ``d_mlp`` must be larger than each chosen block's current width. ``options``
+    (:class:`~stablemorph.transformer.surgery.Options`): ``scheme``, ``seed``, ``probe``
+    (token ids ``(B, T)`` for the self-check), ``tol``, ``out_scale`` (``stable`` only: rms of
+    the new units' outgoing weights relative to the existing ones'; see
+    :mod:`stablemorph.transformer.units`: why 0.1). ``model`` is never modified. As a morph:
+    ``sm.apply("grow_mlp", model, "blocks.0.mlp", d_mlp=...)``.
     """
     op = "grow_mlp"
-    check_parent(op, model)
-    check_out_scale(op, out_scale)
-    chosen = check_blocks(op, model, blocks)
-    for b in chosen:
-        if d_mlp <= model.config.blocks[b].d_mlp:
-            raise MorphError(f"{op}: d_mlp={d_mlp} is not larger than block {b}'s MLP width "
-                             f"{model.config.blocks[b].d_mlp}")
+    opts = Options.check(op, model, options)
+    chosen = check_blocks(op, model, blocks, "d_mlp", d_mlp, lambda c: f"MLP width {c}")
 
     def surgery(child: GPT, _probe: tuple[Tensor, ...]) -> Surgery:
         origins: dict[str, ParamOrigin] = {}
@@ -66,13 +57,13 @@ def grow_mlp(
         specs = list(child.config.blocks)
         shape = [2, min(8, child.config.block_size), child.config.d_model]
         for b in chosen:
-            block = widen(child.blocks[b], "mlp.fc", d_mlp, scheme=scheme, seed=seed + b,
-                          input_shape=shape, tol=tol)
+            block = widen(child.blocks[b], "mlp.fc", d_mlp, scheme=opts.scheme,
+                          seed=opts.seed + b, input_shape=shape, tol=opts.tol)
             report = last_report(block)
             object.__delattr__(block, HISTORY_ATTR)
-            if scheme == "stable":
+            if opts.scheme == "stable":
                 _scale_fresh_columns(block.mlp.proj.weight, report.param_map["mlp.proj.weight"],
-                                     out_scale)
+                                     opts.out_scale)
             child.blocks[b] = block
             prefix = f"blocks.{b}."
             for name in report.changed:
@@ -84,9 +75,8 @@ def grow_mlp(
         child.config = dataclasses.replace(child.config, blocks=tuple(specs))
         return Surgery(origins=origins, notes=notes)
 
-    kwargs = {"d_mlp": d_mlp, "scheme": scheme, "seed": seed, "out_scale": out_scale}
-    return run_morph_on_gpt(op, model, blocks_target(chosen, "mlp"), scheme, kwargs, surgery,
-                            probe, tol)
+    return run_morph_on_gpt(op, model, blocks_target(chosen, "mlp"), opts,
+                            opts.recipe(d_mlp=d_mlp), surgery)
 
 
 @torch.no_grad()

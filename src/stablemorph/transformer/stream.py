@@ -52,22 +52,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 from torch import Tensor
 
-from stablemorph.morphs.contract import MorphError, check_scheme
+from stablemorph.morphs.contract import MorphError
 from stablemorph.record import ParamOrigin
 from stablemorph.transformer.model import GPT, GPTConfig
 from stablemorph.transformer.surgery import (
     ChildParams,
-    check_out_scale,
-    check_parent,
+    GrowthOptions,
+    Options,
     dup_origin,
     rms,
     run_growth,
 )
-from stablemorph.transformer.units import DEFAULT_OUT_SCALE
 
 
 @dataclass(frozen=True)
@@ -140,26 +140,20 @@ def _writers(model: GPT) -> list[tuple[str, int]]:
 def grow_d_model(
     model: GPT,
     d_model: int,
-    *,
-    scheme: str = "stable",
-    seed: int = 0,
-    probe: Tensor | None = None,
-    tol: float | None = None,
-    out_scale: float = DEFAULT_OUT_SCALE,
+    **options: Unpack[GrowthOptions],
 ) -> GPT:
     """A new GPT with residual width ``d_model`` computing the same logits as ``model``.
 
     ``net2net`` and ``netmorph`` need ``d_model`` to be a multiple of the current width; a tied
     head needs that under every scheme; ``stable`` otherwise takes any larger width (module
     docstring: why). ``out_scale`` (``stable``): rms of the reads of the new stream directions
-    relative to the reader's rms. Other arguments as in
-    :func:`stablemorph.transformer.grow_mlp`.
+    relative to the reader's rms. ``options``:
+    :class:`~stablemorph.transformer.surgery.Options`.
     ``model`` is never modified.
     """
     op = "grow_d_model"
-    check_parent(op, model)
-    check_scheme(scheme)
-    check_out_scale(op, out_scale)
+    opts = Options.check(op, model, options)
+    scheme = opts.scheme
     d = model.config.d_model
     if not isinstance(d_model, int) or d_model <= d:
         raise MorphError(f"{op}: d_model={d_model!r} is not larger than the current {d}")
@@ -179,11 +173,10 @@ def grow_d_model(
         )
 
     def plan(child: GPT) -> tuple[GPTConfig, ChildParams]:
-        params = _plan(child, d_model, scheme, seed, out_scale)
+        params = _plan(child, d_model, scheme, opts.seed, opts.out_scale)
         return dataclasses.replace(child.config, d_model=d_model), params
 
-    kwargs = {"d_model": d_model, "scheme": scheme, "seed": seed, "out_scale": out_scale}
-    return run_growth(op, model, "d_model", scheme, kwargs, plan, probe, tol)
+    return run_growth(op, model, "d_model", opts, opts.recipe(d_model=d_model), plan)
 
 
 def _plan(model: GPT, d_model: int, scheme: str, seed: int, out_scale: float) -> ChildParams:

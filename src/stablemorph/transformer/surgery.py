@@ -13,10 +13,11 @@ train/eval mode and per-parameter ``requires_grad``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,8 @@ __all__ = ["SCHEMES", "GrowthVerificationError"]
 
 PROBE_BATCH = 4
 PROBE_LEN = 16
+#: ``stable``'s default scale of new outgoing weights (:mod:`~.units` says why 0.1).
+DEFAULT_OUT_SCALE = 0.1
 
 #: A growth that does not preserve the logits fails like every morph (kept as an alias).
 GrowthVerificationError = MorphError
@@ -51,20 +54,64 @@ def check_parent(op: str, model: nn.Module) -> None:
         raise TypeError(f"{op}: expects a stablemorph.transformer.GPT, got {type(model).__name__}")
 
 
-def check_out_scale(op: str, out_scale: float) -> None:
-    if not (isinstance(out_scale, int | float) and 0 < out_scale < float("inf")):
-        raise MorphError(f"{op}: out_scale must be a positive finite number, got {out_scale!r}")
+class GrowthOptions(TypedDict, total=False):
+    """The keyword options every growth takes (:class:`Options` holds their defaults)."""
+
+    scheme: str
+    seed: int
+    probe: Tensor | None
+    tol: float | None
+    out_scale: float
 
 
-def check_blocks(op: str, model: GPT, blocks: Sequence[int] | None) -> list[int]:
-    """The block indices to act on (all when ``None``), each checked to exist."""
+@dataclass(frozen=True)
+class Options:
+    """A growth's options: ``scheme`` (``"stable"``, ``"netmorph"``, ``"net2net"``);
+    ``seed`` (every random choice); ``probe``: token ids ``(B, T)`` for the self-check
+    (default: a fixed random batch); ``tol``: the largest relative logit deviation accepted
+    (default by dtype, :func:`stablemorph.verify.default_tolerance`); ``out_scale``
+    (``stable``): the rms of new outgoing weights relative to the existing ones'."""
+
+    scheme: str = "stable"
+    seed: int = 0
+    probe: Tensor | None = None
+    tol: float | None = None
+    out_scale: float = DEFAULT_OUT_SCALE
+
+    @classmethod
+    def check(cls, op: str, model: nn.Module, options: Mapping[str, Any]) -> Options:
+        """The options of growth ``op`` of ``model``, checked (the model first: a DDP wrapper
+        or a non-GPT is refused before anything else)."""
+        check_parent(op, model)
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"{op}() got unexpected keyword arguments {unknown}")
+        opts = cls(**options)
+        check_scheme(opts.scheme)
+        if not (isinstance(opts.out_scale, int | float) and 0 < opts.out_scale < float("inf")):
+            raise MorphError(f"{op}: out_scale must be a positive finite number, got "
+                             f"{opts.out_scale!r}")
+        return opts
+
+    def recipe(self, **sizes: Any) -> dict[str, Any]:
+        """The JSON-able kwargs the growth's record keeps (``sizes`` first)."""
+        return {**sizes, "scheme": self.scheme, "seed": self.seed, "out_scale": self.out_scale}
+
+
+def check_blocks(op: str, model: GPT, blocks: Sequence[int] | None, size: str, new: int,
+                 describe: Callable[[int], str]) -> list[int]:
+    """The block indices to act on (all when ``None``), each checked to exist and to have its
+    :class:`BlockSpec` field ``size`` smaller than ``new`` (``describe(current)`` words the
+    current value in the error)."""
     n = model.config.n_layer
-    if blocks is None:
-        return list(range(n))
-    for b in blocks:
+    for b in range(n) if blocks is None else blocks:
         if not isinstance(b, int) or not 0 <= b < n:
             raise MorphError(f"{op}: unknown block index {b!r}; the model has blocks 0..{n - 1}")
-    return sorted(set(blocks))
+        current = getattr(model.config.blocks[b], size)
+        if new <= current:
+            raise MorphError(f"{op}: {size}={new} is not larger than block {b}'s "
+                             f"{describe(current)}")
+    return list(range(n)) if blocks is None else sorted(set(blocks))
 
 
 def blocks_of(op: str, target: str, part: str) -> list[int] | None:
@@ -209,29 +256,24 @@ def run_morph_on_gpt(
     op: str,
     model: GPT,
     target: str,
-    scheme: str,
-    kwargs: dict[str, Any],
+    opts: Options,
+    recipe: dict[str, Any],
     surgery: Callable[[GPT, tuple[Tensor, ...]], Surgery],
-    probe: Tensor | None,
-    tol: float | None,
 ) -> GPT:
-    """:func:`~stablemorph.morphs.contract.run_morph` for a GPT: ``probe`` (token ids
-    ``(B, T)``, default :func:`token_probe`) verifies the child."""
-    check_parent(op, model)
-    check_scheme(scheme)
-    probe = token_probe(model) if probe is None else probe
-    return run_morph(op, model, target, scheme, kwargs, surgery, probe, None, tol)  # type: ignore[arg-type]
+    """:func:`~stablemorph.morphs.contract.run_morph` for a GPT, verified on ``opts.probe``
+    (default :func:`token_probe`); ``recipe``: the record's kwargs."""
+    probe = token_probe(model) if opts.probe is None else opts.probe
+    return run_morph(op, model, target, opts.scheme, recipe, surgery,  # type: ignore[arg-type]
+                     probe, None, opts.tol)
 
 
 def run_growth(
     op: str,
     model: GPT,
     target: str,
-    scheme: str,
-    kwargs: dict[str, Any],
+    opts: Options,
+    recipe: dict[str, Any],
     plan: Callable[[GPT], tuple[GPTConfig, ChildParams]],
-    probe: Tensor | None,
-    tol: float | None,
     rename: Callable[[str], str] = lambda name: name,
 ) -> GPT:
     """A growth that plans the child's config and values: ``plan(copy)`` returns them,
@@ -244,4 +286,4 @@ def run_growth(
         return Surgery(origins=params.recorded_origins(), notes=params.notes,
                        changed=params.changed())
 
-    return run_morph_on_gpt(op, model, target, scheme, kwargs, surgery, probe, tol)
+    return run_morph_on_gpt(op, model, target, opts, recipe, surgery)

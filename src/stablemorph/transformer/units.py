@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from stablemorph.record import ParamOrigin
-from stablemorph.transformer.surgery import ChildParams, rms
+from stablemorph.transformer.surgery import DEFAULT_OUT_SCALE, ChildParams, rms
 
-DEFAULT_OUT_SCALE = 0.1
+__all__ = ["DEFAULT_OUT_SCALE", "Units", "add_units", "entry_index"]
 
 
 @dataclass(frozen=True)
