@@ -1,14 +1,17 @@
 """What is transformer-specific in a GPT growth; the contract itself is
 :func:`stablemorph.morphs.contract.run_morph`, as for every morph.
 
-A growth (:mod:`~stablemorph.transformer.heads`, :mod:`~.stream`, :mod:`~.depth`) only works
-out the child's :class:`GPTConfig` and parameter values (:class:`ChildParams`, float64, each
-with its :class:`~stablemorph.record.ParamOrigin` and the parent parameter it stands in for).
-:func:`run_growth` hands that to ``run_morph``, which deep-copies the parent, verifies the
-child on a probe batch of token ids in eval and train mode against the one tolerance table
-(:func:`stablemorph.verify.default_tolerance`), counts zeros and records the morph; here the
-copy is rebuilt from the new config (:func:`rebuild`) with the parent's device, dtype,
-train/eval mode and per-parameter ``requires_grad``.
+A growth takes :class:`Options` (checked once) and either edits the deep copy itself
+(:mod:`~stablemorph.transformer.mlp_width`: ``sm.widen`` of each block's ``mlp.fc``, through
+:func:`run_morph_on_gpt`) or only works out the child's :class:`GPTConfig` and parameter
+values (:mod:`~stablemorph.transformer.heads`, :mod:`~.stream`, :mod:`~.depth`: a
+:class:`ChildParams`, float64, each value with its :class:`~stablemorph.record.ParamOrigin`
+and the parent parameter it stands in for). :func:`run_growth` hands that to ``run_morph``,
+which deep-copies the parent, verifies the child on a probe batch of token ids in eval and
+train mode against the one tolerance table (:func:`stablemorph.verify.default_tolerance`),
+counts zeros and records the morph; here the copy is rebuilt from the new config
+(:func:`rebuild`) with the parent's device, dtype, train/eval mode, per-parameter
+``requires_grad`` and submodule hooks.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from stablemorph.morphs.contract import (
 from stablemorph.record import ParamOrigin
 from stablemorph.transformer.model import GPT, GPTConfig
 
-__all__ = ["SCHEMES", "GrowthVerificationError"]
+__all__ = ["SCHEMES", "GrowthOptions", "GrowthVerificationError", "Options"]
 
 PROBE_BATCH = 4
 PROBE_LEN = 16
@@ -243,7 +246,7 @@ def as_morph(op: str, growth: Callable[..., GPT],
     def morph(model: GPT, target: str, *, inputs: Tensor | None = None,
               input_shape: Sequence[int] | None = None, **kwargs: Any) -> GPT:
         check_parent(op, model)
-        if inputs is None and input_shape is not None and isinstance(model, GPT):
+        if inputs is None and input_shape is not None:
             inputs = token_probe(model, input_shape)
         return growth(model, **parse(target), probe=inputs, **kwargs)
 
