@@ -271,8 +271,9 @@ def test_the_self_check_uses_the_probe_given() -> None:
 def test_growths_are_morphs_save_load_and_run_from_the_cli(tmp_path, capsys) -> None:
     from stablemorph import MORPHS, apply, load, save
     from stablemorph.cli import MORPH_OPS, main
+    from stablemorph.transformer.grow import GROWTHS
 
-    assert sorted(MORPH_OPS) == sorted(MORPHS)
+    assert sorted(MORPH_OPS) == sorted(MORPHS) and set(GROWTHS) < set(MORPHS)
     parent = trained_like(tie_head=True)
     child = grow(parent, d_model=32, n_head=3, d_mlp=80, n_layer=3, scheme="stable")
     replayed = parent
