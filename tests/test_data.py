@@ -234,3 +234,42 @@ def test_dataset_repr_is_short() -> None:
     ds = load_dataset("digits", limit_train=20, limit_test=10)
     assert isinstance(ds, Dataset)
     assert "tensor" not in repr(ds) and "digits" in repr(ds)
+
+
+class _WritesMarker:
+    """A pickled object whose loading would run ``pathlib.Path(marker).write_text``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path: Path, protocol: int) -> None:
+    write_cifar(tmp_path)
+    marker = tmp_path / "marker"
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1],
+             b"evil": _WritesMarker(marker)}
+    with (tmp_path / "data_batch_2").open("wb") as f:
+        pickle.dump(batch, f, protocol=protocol)
+    with pytest.raises(ValueError, match=r"data_batch_2: not a readable CIFAR-10 pickle "
+                                         r"\(refused to load [\w.]+"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not marker.exists()
+    with (tmp_path / "data_batch_2").open("wb") as f:  # os.system by name: refused as well
+        f.write(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    with pytest.raises(ValueError, match=r"data_batch_2: .*refused to load os\.system"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_pickles_of_every_protocol_and_numpy_scalars_load(tmp_path: Path) -> None:
+    data, labels = write_cifar(tmp_path)
+    for protocol in (2, 4, 5):
+        with (tmp_path / "test_batch").open("wb") as f:
+            pickle.dump({b"data": data[-4:], b"labels": [np.int64(v) for v in labels[-4:]],
+                         "filenames": [b"a.png", "b.png"]}, f, protocol=protocol)
+        ds = load_dataset("cifar10", root=tmp_path)
+        torch.testing.assert_close(ds.y_test, torch.from_numpy(labels[20:]).long())

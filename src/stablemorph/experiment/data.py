@@ -10,7 +10,8 @@ downloaded. Sources:
 - ``"mnist"``: IDX files (gzip or raw) under a directory the user gives.
 - ``"cifar10"``: the CIFAR-10 python pickles (``data_batch_1`` .. ``data_batch_5``,
   ``test_batch``) under a directory the user gives (or its ``cifar-10-batches-py``).
-  Pickles can run code when loaded: only point this at files you trust.
+  They are read with a restricted unpickler that builds only dicts, lists, strings, bytes,
+  numbers and numpy arrays: a file that names any other callable is refused (nothing runs).
 - ``"digits"``: scikit-learn's embedded 8x8 digits, always available, split 1,437 / 360
   by a fixed permutation.
 
@@ -167,11 +168,51 @@ def _load_idx(name: str, root: Path | None) -> tuple[np.ndarray, ...]:
     return x_train, y_train, x_test, y_test
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of ``bytes`` use it, restricted to latin-1."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(
+            f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only latin-1 text"
+        )
+    return text.encode("latin-1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The callables numpy's pickles of arrays and scalars name (numpy 1.x and 2.x paths)."""
+    from numpy._core import multiarray, numeric
+
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, str, bytes, numbers and numpy arrays; refuses every other
+    global (so a ``__reduce__`` that names ``os.system`` or any other callable never runs)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _numpy_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
+                f"strings, bytes, numbers and numpy arrays"
+            )
+        return found
+
+
 def _unpickle_cifar(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError, OverflowError) as err:
         raise ValueError(f"{path}: not a readable CIFAR-10 pickle ({err})") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a dict with 'data' and 'labels', got {type(batch)}")
