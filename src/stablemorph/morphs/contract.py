@@ -7,9 +7,19 @@ and says which parameters it made or changed) and wraps it in the contract:
   copy is dropped;
 - precondition checks with clear messages: DDP/DataParallel wrappers, unknown layer names
   (with close-name suggestions), non-finite weights, an unknown scheme;
-- a probe batch (the caller's ``inputs``, or random data of ``input_shape``, or a shape
-  inferred from the model) on which parent and child are compared in eval *and* train mode;
-  beyond the tolerance (float32: ``max_rel <= 1e-5``) a :class:`MorphError` names the layer;
+- a probe batch (the caller's ``inputs``: a tensor, positional inputs or a dict of keyword
+  inputs; or random data of ``input_shape``, or a shape inferred from the model) on which
+  the parent runs first (a probe that does not fit, holds NaN or is empty is refused as such,
+  before any work) and then parent and child are compared in eval *and* train mode
+  (:mod:`stablemorph.verify`); beyond the tolerance (float32: ``max_rel <= 1e-5``, or within
+  ``NOISE_FACTOR`` times the parent's own float32-vs-float64 noise) a :class:`MorphError`
+  names the layer;
+- the memory the morph needs is estimated up front (:mod:`.memory`) and a morph that cannot
+  fit is refused before any work;
+- the caller's hooks on replaced layers are carried to the child (:mod:`.hooks`) or refused;
+- the caller's global RNG streams do not move (``torch.random.fork_rng``);
+- a ``torch.compile``'d model is morphed through its module (layer names without the
+  ``_orig_mod.`` prefix); the child is that module, uncompiled;
 - the child gets a :class:`~stablemorph.record.MorphRecord` (replayable ``op``, ``target``,
   JSON-able ``kwargs``; the report with deviations, zero fractions, seconds and a
   ``param_map`` entry for *every* child parameter).
@@ -30,9 +40,20 @@ from torch import Tensor, nn
 
 from stablemorph.equation import sparsity
 from stablemorph.graph import GraphError, find_module
+from stablemorph.morphs import hooks, memory
 from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, append_record, history
 from stablemorph.solvers import DecompositionError
-from stablemorph.verify import default_tolerance, verify
+from stablemorph.verify import (
+    NOISE_FACTOR,
+    Probe,
+    VerifyError,
+    compare,
+    default_tolerance,
+    reference,
+    refuse_meta,
+)
+
+COMPILED_PREFIX = "_orig_mod."
 
 SCHEMES = ("stable", "netmorph", "net2net")
 
@@ -76,9 +97,21 @@ def refuse_wrapped(model: nn.Module) -> None:
         )
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (``model`` itself otherwise)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == \
+        "OptimizedModule" else model
+
+
 def check_model(model: nn.Module) -> None:
-    """Refuse wrapped models and models with non-finite parameters or buffers."""
+    """Refuse wrapped models, meta-device models and models with non-finite parameters or
+    buffers."""
     refuse_wrapped(model)
+    try:
+        refuse_meta(model)
+    except VerifyError as err:
+        raise MorphError(str(err)) from None
     for kind, items in (("parameter", model.named_parameters()),
                         ("buffer", model.named_buffers())):
         for name, t in items:
@@ -98,8 +131,14 @@ def check_scheme(scheme: str, allowed: Sequence[str] = SCHEMES) -> None:
 def get_layer(model: nn.Module, target: str, kinds: tuple[type, ...], op: str) -> nn.Module:
     """The submodule ``target``, checked to be one of ``kinds`` (after refusing wrappers)."""
     refuse_wrapped(model)
+    inner = unwrap_compiled(model)
+    if inner is not model and target.startswith(COMPILED_PREFIX):
+        raise MorphError(
+            f"{op}: the model is torch.compile'd: name its layers as in the original model, "
+            f"without the private {COMPILED_PREFIX!r} prefix: {target[len(COMPILED_PREFIX):]!r}"
+        )
     try:
-        layer = find_module(model, target)
+        layer = find_module(inner, target)
     except GraphError as err:
         raise MorphError(str(err)) from None
     if not isinstance(layer, kinds):
@@ -146,19 +185,26 @@ def _infer_shape(model: nn.Module) -> list[int] | None:
 
 def probe_batch(
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor] | None,
+    inputs: Any,
     input_shape: Sequence[int] | None,
     seed: int,
     target: str,
-) -> tuple[tuple[Tensor, ...], list[int] | None]:
+) -> tuple[Probe, list[int] | None]:
     """The probe inputs and the (JSON-able) input shape to record.
 
-    ``inputs`` wins; else random normal data of ``input_shape`` (batch dim included) in the
-    model's dtype and device; else a shape inferred by :func:`_infer_shape`.
+    ``inputs`` wins: a tensor, a sequence of positional inputs, or a dict of keyword inputs
+    (``model(**inputs)``, e.g. a tokenizer's output); else random normal data of
+    ``input_shape`` (batch dim included) in the model's dtype and device; else a shape
+    inferred by :func:`_infer_shape`. The recorded shape is the single positional input's
+    (``None`` for several or keyword inputs: a replay needs them passed again).
     """
     if inputs is not None:
-        batch = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-        shape = list(batch[0].shape) if len(batch) == 1 else None
+        try:
+            batch = Probe.of(inputs)
+        except VerifyError as err:
+            raise MorphError(f"layer {target!r}: {err}") from None
+        shape = list(batch[0].shape) if len(batch) == 1 and not batch.kwargs and \
+            isinstance(batch[0], Tensor) and batch[0].is_floating_point() else None
         return batch, shape
     if input_shape is None:
         input_shape = _infer_shape(model)
@@ -169,9 +215,12 @@ def probe_batch(
                 f"model.input_shape; it cannot be inferred for {type(model).__name__}"
             )
     shape = [int(s) for s in input_shape]
+    if not shape or any(s < 1 for s in shape):
+        raise MorphError(f"layer {target!r}: input_shape {shape} must be positive sizes, the "
+                         f"batch dim included (an empty probe verifies nothing)")
     gen = torch.Generator().manual_seed(seed + 7919)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return (x.to(model_device(model), model_dtype(model)),), shape
+    return Probe((x.to(model_device(model), model_dtype(model)),)), shape
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,24 +234,72 @@ def run_morph(
     scheme: str,
     kwargs: dict[str, Any],
     surgery: SurgeryFn,
-    inputs: Tensor | Sequence[Tensor] | None,
+    inputs: Any,
     input_shape: Sequence[int] | None,
     tol: float | None,
 ) -> nn.Module:
     """Run ``surgery`` on a deep copy of ``model`` under the contract (module docstring).
 
     ``kwargs`` are the morph's resolved options (JSON-able; ``seed`` included); the probe's
-    input shape is added as ``input_shape`` so that a replay can rebuild a probe.
+    input shape is added as ``input_shape`` so that a replay can rebuild a probe. ``tol``:
+    the largest accepted ``max_rel``; ``None``: the dtype's :func:`default_tolerance` or a
+    deviation within ``NOISE_FACTOR`` times the parent's float noise.
     """
+    base = unwrap_compiled(model)
+    cuda = sorted({p.device.index or 0 for p in base.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):  # the caller's RNG streams do not move
+        child = _run_morph(op, base, target, scheme, kwargs, surgery, inputs, input_shape,
+                           tol)
+    if base is not model:
+        report = history(child)[-1].report
+        report.notes.append("the parent was torch.compile'd: the child is the morphed "
+                            "uncompiled module; call torch.compile(child) to compile it")
+    return child
+
+
+def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict[str, Any],
+               surgery: SurgeryFn, inputs: Any, input_shape: Sequence[int] | None,
+               tol: float | None) -> nn.Module:
     start = time.perf_counter()
     check_model(model)
     seed = int(kwargs.get("seed", 0))
     probe, shape = probe_batch(model, inputs, input_shape, seed, target)
+    try:
+        parent_hooks = hooks.collect(model)
+    except hooks.HookError as err:
+        raise MorphError(f"{op} {target!r}: {err}") from None
+    hooked = {h.layer for h in parent_hooks}
+    layer = model.get_submodule(target)
+    seen: dict[str, list[list[tuple[int, ...]]]] = {}  # hooked layers' shapes
+    ref_holder: list[Any] = []
+
+    def run_reference(m: nn.Module) -> None:
+        ref_holder.append(reference(m, probe))
+
+    try:
+        target_calls = hooks.io_shapes(model, {target}, run_reference)[target] or [[]]
+        if parent_hooks:
+            seen = hooks.io_shapes(model, hooked, lambda m: _probe_eval(m, probe))
+    except VerifyError as err:
+        raise MorphError(f"{op} {target!r}: {err}") from err
+    ref = ref_holder[0]
+    outputs = target_calls[0][target_calls[0].index((-1,)) + 1:] if (-1,) in target_calls[0] \
+        else []
+    try:
+        mem_note = memory.check(model, op, target, layer, kwargs, outputs, model_dtype(model),
+                                model_device(model))
+    except MemoryError as err:
+        raise MorphError(str(err)) from None
+
     child = copy.deepcopy(model)
+    hooks.strip(child, parent_hooks)
     try:
         done = surgery(child, probe)
     except (GraphError, DecompositionError) as err:
         raise MorphError(f"{op} {target!r}: {err}") from err
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        raise MorphError(f"{op} {target!r}: out of memory building the child "
+                         f"({type(err).__name__}: {err}); {mem_note}") from err
 
     parent_params = dict(model.named_parameters())
     param_map: dict[str, ParamOrigin] = {}
@@ -215,26 +312,40 @@ def run_morph(
             raise RuntimeError(f"{op}: child parameter {name!r} has no recorded origin")
     changed = list(done.origins) if done.changed is None else list(done.changed)
 
+    carried = ""
+    if parent_hooks:
+        try:
+            hooks.register(child, parent_hooks)
+            now = hooks.io_shapes(child, hooked, lambda m: _probe_eval(m, probe))
+            hooks.check_shapes(parent_hooks, seen, now)
+        except hooks.HookError as err:
+            raise MorphError(f"{op} {target!r}: {err}") from None
+        carried = (f"{len(parent_hooks)} hook(s) carried to the child's layers of the same "
+                   f"name: {sorted(hooked)}")
     try:
-        check = verify(model, child, probe)
-    except Exception as err:
-        raise MorphError(
-            f"{op} {target!r}: running the child on the probe batch failed "
-            f"({type(err).__name__}: {err}); does forward read the replaced layer's "
-            f"attributes directly?"
-        ) from err
+        check = compare(ref, child)
+    except VerifyError as err:
+        raise MorphError(f"{op} {target!r} (scheme {scheme!r}): {err}") from err
     limit = default_tolerance(model_dtype(model)) if tol is None else tol
-    if not check.ok(limit):
+    if not check.ok(limit, noise=tol is None):
+        worst = [t for t in check.tensors if not t.ok(limit, noise=tol is None)]
+        floor = "" if check.noise_abs is None or tol is not None else (
+            f"; the parent's own float noise is max_abs={check.noise_abs:.2e} (accepted up to "
+            f"{NOISE_FACTOR:g}x)")
         modes = ", ".join(f"{m}: max_rel={r:.2e}" for m, (_, r) in check.per_mode.items())
         raise MorphError(
             f"{op} {target!r} (scheme {scheme!r}) does not preserve the function: {modes} "
             f"> tolerance {limit:.1e}" + (f" (residual {done.residual:.2e})"
                                           if done.residual is not None else "")
+            + (f" at {worst[0].path}" if worst else "") + floor
         )
     named = dict(child.named_parameters())
     zeros, near = sparsity(*(named[n] for n in changed)) if changed else (0.0, 0.0)
     notes = [*done.notes, f"{zeros:.1%} exact zeros, {near:.1%} near zeros in the "
-                          f"{len(changed)} new or changed parameters"]
+                          f"{len(changed)} new or changed parameters",
+             f"verified: {check.describe()}", *check.notes, mem_note]
+    if carried:
+        notes.append(carried)
     report = MorphReport(
         op=op, target=target, scheme=scheme, max_abs=check.max_abs, max_rel=check.max_rel,
         residual=done.residual, zero_fraction=zeros, near_zero_fraction=near, changed=changed,
@@ -244,6 +355,16 @@ def run_morph(
     json.dumps(record_kwargs)  # the replay recipe must stay JSON
     append_record(child, MorphRecord(op, target, record_kwargs, report))
     return child
+
+
+def _probe_eval(model: nn.Module, probe: Probe) -> None:
+    """One eval-mode forward of ``model`` on ``probe``, state restored, RNG untouched."""
+    from stablemorph.verify import preserved_state
+
+    with preserved_state(model), torch.no_grad(), torch.random.fork_rng(
+            devices=probe.cuda_devices()):
+        model.eval()
+        probe.run(model)
 
 
 # ----------------------------------------------------------------------------------------------

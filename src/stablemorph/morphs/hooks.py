@@ -1,0 +1,161 @@
+"""Module hooks across a morph: the child keeps the caller's hooks where their meaning is clear.
+
+A morph replaces a layer by a module that stands for it (same input, same output on every
+input). Hooks registered on the parent's modules (forward, forward-pre, full backward and
+backward-pre hooks) are carried to the child module of the *same name*: the very same hook
+objects (not copies), in the same order, with the same flags. A hook is refused, with its
+name and the layer's, when its meaning changes: the module is gone from the child, or the
+tensors it sees change shape (e.g. the widened layer's output).
+
+Usage in the morph driver: :func:`collect` the parent's hooks, :func:`strip` the copies that
+``copy.deepcopy`` made in the child (so a module that moves, e.g. into a shortcut, does not
+run them twice), run the surgery, then :func:`carry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_KINDS = ("forward_pre", "forward", "backward_pre", "backward")
+
+
+class HookError(ValueError):
+    """A hook cannot be carried to the child (the message names the hook and the layer)."""
+
+
+@dataclass
+class Hook:
+    """One hook of one module: ``kind`` (forward_pre, forward, backward_pre, backward), the
+    callable itself, and its registration flags."""
+
+    layer: str
+    kind: str
+    fn: Callable[..., Any]
+    with_kwargs: bool = False
+    always_call: bool = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", None) or repr(self.fn)
+
+
+def _dicts(module: nn.Module) -> dict[str, dict[int, Any]]:
+    return {"forward_pre": module._forward_pre_hooks, "forward": module._forward_hooks,
+            "backward_pre": module._backward_pre_hooks, "backward": module._backward_hooks}
+
+
+def collect(model: nn.Module) -> list[Hook]:
+    """Every hook on ``model``'s modules, in registration order per module and kind."""
+    hooks: list[Hook] = []
+    for name, module in model.named_modules():
+        for kind, table in _dicts(module).items():
+            for key, fn in table.items():
+                if kind == "backward" and module._is_full_backward_hook is False:
+                    raise HookError(
+                        f"layer {name or '<model>'!r}: hook {getattr(fn, '__qualname__', fn)!r} "
+                        f"is a non-full backward hook (register_backward_hook, deprecated); "
+                        f"its meaning across a morph is undefined: remove it, morph, and "
+                        f"register a full backward hook on the child")
+                hooks.append(Hook(
+                    name, kind, fn,
+                    with_kwargs=key in (module._forward_pre_hooks_with_kwargs if kind ==
+                                        "forward_pre" else module._forward_hooks_with_kwargs
+                                        if kind == "forward" else {}),
+                    always_call=kind == "forward" and key in module._forward_hooks_always_called,
+                ))
+    return hooks
+
+
+def strip(model: nn.Module, hooks: list[Hook]) -> None:
+    """Remove every hook of the modules named in ``hooks`` from ``model`` (a deep copy)."""
+    for layer in {h.layer for h in hooks}:
+        module = model.get_submodule(layer)
+        for table in _dicts(module).values():
+            table.clear()
+        module._forward_hooks_with_kwargs.clear()
+        module._forward_pre_hooks_with_kwargs.clear()
+        module._forward_hooks_always_called.clear()
+        if module._is_full_backward_hook is not None and not module._backward_hooks:
+            module._is_full_backward_hook = None
+
+
+def register(model: nn.Module, hooks: list[Hook]) -> None:
+    """Register ``hooks`` (the same callables) on ``model``'s modules of the same names.
+
+    Raises:
+        HookError: a hooked layer no longer exists in ``model``.
+    """
+    modules = dict(model.named_modules())
+    for h in hooks:
+        module = modules.get(h.layer)
+        if module is None:
+            raise HookError(
+                f"layer {h.layer!r}: {h.kind} hook {h.name!r} cannot be carried: the morph "
+                f"removed the layer; remove the hook, morph, and register it on the child")
+        if h.kind == "forward_pre":
+            module.register_forward_pre_hook(h.fn, with_kwargs=h.with_kwargs)
+        elif h.kind == "forward":
+            module.register_forward_hook(h.fn, with_kwargs=h.with_kwargs,
+                                         always_call=h.always_call)
+        elif h.kind == "backward_pre":
+            module.register_full_backward_pre_hook(h.fn)
+        else:
+            module.register_full_backward_hook(h.fn)
+
+
+def _shapes(value: Any) -> list[tuple[int, ...]]:
+    if isinstance(value, torch.Tensor):
+        return [tuple(value.shape)]
+    if isinstance(value, dict):
+        return [s for k in sorted(value, key=str) for s in _shapes(value[k])]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _shapes(v)]
+    return []
+
+
+def io_shapes(model: nn.Module, layers: set[str], run: Callable[[nn.Module], Any]
+              ) -> dict[str, list[list[tuple[int, ...]]]]:
+    """The tensor shapes each of ``layers`` receives and returns while ``run(model)`` runs
+    (per call: inputs then outputs); temporary hooks, removed afterwards."""
+    seen: dict[str, list[list[tuple[int, ...]]]] = {name: [] for name in layers}
+    handles = []
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name in modules:
+            def record(_m: nn.Module, args: Any, kwargs: Any, out: Any, name: str = name
+                       ) -> None:
+                seen[name].append(_shapes(args) + _shapes(kwargs) + [(-1,)] + _shapes(out))
+            handles.append(modules[name].register_forward_hook(record, with_kwargs=True,
+                                                               prepend=True))
+    try:
+        run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def check_shapes(hooks: list[Hook], parent: dict[str, list[list[tuple[int, ...]]]],
+                 child: dict[str, list[list[tuple[int, ...]]]]) -> None:
+    """Refuse a hook whose layer sees other tensor shapes in the child than in the parent."""
+    for h in hooks:
+        if parent.get(h.layer) != child.get(h.layer):
+            was, now = parent.get(h.layer), child.get(h.layer)
+            raise HookError(
+                f"layer {h.layer!r}: {h.kind} hook {h.name!r} cannot be carried: the morph "
+                f"changes what the layer sees (input/output shapes {_fmt(was)} in the parent, "
+                f"{_fmt(now)} in the child), so the hook's meaning would change; remove it, "
+                f"morph, and register a hook meant for the child")
+
+
+def _fmt(calls: list[list[tuple[int, ...]]] | None) -> str:
+    if not calls:
+        return "never called"
+    shapes = calls[0]
+    cut = shapes.index((-1,)) if (-1,) in shapes else len(shapes)
+    return f"{shapes[:cut]} -> {shapes[cut + 1:]}"
