@@ -297,11 +297,11 @@ def test_a_morph_that_cannot_fit_in_memory_is_refused_up_front() -> None:
 
     model = parent("cnn")
     start = time.perf_counter()
-    with pytest.raises(MorphError, match=r"widen 'features.conv2' \(width=100000000\) needs "
+    with pytest.raises(MorphError, match=r"widen 'features.conv2' \(width=1000000000\) needs "
                                          r"at least [\d.]+ GiB .* but [\d.]+ GiB is available"):
-        widen(model, "features.conv2", 10**8, inputs=inputs("cnn"))
-    with pytest.raises(MorphError, match=r"deepen 'features.conv2' \(width=100000000.*\) needs"):
-        deepen(model, "features.conv2", width=10**8, inputs=inputs("cnn"))
+        widen(model, "features.conv2", 10**9, inputs=inputs("cnn"))
+    with pytest.raises(MorphError, match=r"deepen 'features.conv2' \(width=1000000000.*\) needs"):
+        deepen(model, "features.conv2", width=10**9, inputs=inputs("cnn"))
     assert time.perf_counter() - start < 10
 
 

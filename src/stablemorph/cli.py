@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -22,6 +23,24 @@ from typing import Any
 MORPH_OPS = ["deepen", "widen", "enlarge_kernel", "insert_subnet", "grow_mlp", "grow_heads",
              "grow_d_model", "insert_block"]
 EPILOG = "Documentation and measured results: README.md of the stablemorph repository."
+
+
+class UsageError(ValueError):
+    """The command cannot run as given (exit code 2, one line on stderr)."""
+
+
+class CommandFailed(RuntimeError):
+    """The command ran and failed (exit code 1, one line on stderr)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _json(text: str) -> dict[str, Any]:
@@ -202,16 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the morph (transformer growths need a saved stablemorph.transformer.GPT)",
     )
     morph.add_argument("--at", required=True, help="the layer's dotted name, e.g. features.conv1")
-    morph.add_argument("--scheme", default="stable", choices=["stable", "netmorph", "net2net"])
+    morph.add_argument(
+        "--scheme",
+        default=None,
+        choices=["stable", "netmorph", "net2net"],
+        help="the morph's scheme (default: stable, or the scheme given in --kwargs)",
+    )
     morph.add_argument(
         "--kwargs",
         type=_json,
         default={},
-        help="the morph's options as JSON, e.g. '{\"width\": 96}'",
+        help="the morph's options as JSON, e.g. '{\"width\": 96}' (widen needs a width)",
     )
     morph.add_argument(
         "--input-shape",
-        type=int,
+        type=_positive_int,
         nargs="+",
         default=None,
         help="probe input shape without the batch dim, if the model does not record one",
@@ -224,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decompose a random He-scaled kernel "
         "with each scheme and print residual, zero fraction and time.",
     )
-    dec.add_argument("--c-in", type=int, default=64)
-    dec.add_argument("--c-out", type=int, default=64)
-    dec.add_argument("--kernel", type=int, default=3)
-    dec.add_argument("--mid", type=int, default=None, help="C_mid (default: smallest feasible)")
-    dec.add_argument("--kernel-sizes", type=int, nargs=2, default=[3, 3], metavar=("K1", "K2"))
+    dec.add_argument("--c-in", type=_positive_int, default=64)
+    dec.add_argument("--c-out", type=_positive_int, default=64)
+    dec.add_argument("--kernel", type=_positive_int, default=3)
+    dec.add_argument("--mid", type=_positive_int, default=None,
+                     help="C_mid (default: smallest feasible)")
+    dec.add_argument("--kernel-sizes", type=_positive_int, nargs=2, default=[3, 3],
+                     metavar=("K1", "K2"))
     dec.add_argument("--methods", nargs="+", default=["stable", "netmorph", "net2net"])
     return parser
 
@@ -333,17 +359,65 @@ def _command() -> str:
     return "stablemorph " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _morph_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--kwargs`` checked against the morph's signature, with ``--scheme`` and
+    ``--input-shape`` merged in (a conflict is a usage error)."""
+    import inspect
+
+    from stablemorph.morphs import MORPHS
+
+    params = inspect.signature(MORPHS[args.op]).parameters
+    allowed = [n for n in params if n not in ("model", "target", "inputs")]
+    kwargs = dict(args.kwargs)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise UsageError(f"--kwargs: unknown option(s) {', '.join(map(repr, unknown))} for "
+                         f"{args.op}; it takes {', '.join(allowed)}")
+    missing = [n for n in allowed if params[n].default is inspect.Parameter.empty
+               and n not in kwargs]
+    if missing:
+        example = ", ".join(f'"{n}": ...' for n in missing)
+        raise UsageError(f"{args.op} needs {', '.join(missing)}: pass --kwargs '{{{example}}}'")
+    if args.scheme is not None:
+        if kwargs.get("scheme", args.scheme) != args.scheme:
+            raise UsageError(f"--scheme {args.scheme} conflicts with \"scheme\": "
+                             f"{kwargs['scheme']!r} in --kwargs; give it once")
+        kwargs["scheme"] = args.scheme
+    if args.input_shape:
+        if "input_shape" in kwargs:
+            raise UsageError("--input-shape and \"input_shape\" in --kwargs: give it once")
+        kwargs["input_shape"] = [8, *args.input_shape]  # a probe batch of 8
+    return kwargs
+
+
+def _check_out(path: Path) -> None:
+    """Refuse an ``--out`` that cannot become a file, before any work."""
+    if path.is_dir():
+        raise UsageError(f"--out {path}: is a folder; give the child's file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and
+                                                     not os.access(path, os.W_OK)):
+        raise UsageError(f"--out {path}: not writable ({folder} does not allow it)")
+
+
 def _run_morph(args: argparse.Namespace) -> int:
     import stablemorph as sm
 
+    kwargs = _morph_kwargs(args)
+    _check_out(args.out)
+    if not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
     parent = sm.load(args.checkpoint)
-    kwargs = dict(args.kwargs)
-    if args.input_shape:
-        kwargs["input_shape"] = [8, *args.input_shape]  # a probe batch of 8
-    if args.op != "insert_subnet":
-        kwargs["scheme"] = args.scheme
     child = sm.apply(args.op, parent, args.at, **kwargs)
-    sm.save(child, args.out)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        sm.save(child, args.out)
+    except OSError as err:
+        raise CommandFailed(f"writing {args.out} failed: {err.strerror or err}") from err
     print(sm.last_report(child).summary())
     print(f"child: {args.out}")
     return 0
@@ -361,17 +435,21 @@ def _run_decompose(args: argparse.Namespace) -> int:
     k1, k2 = args.kernel_sizes
     mid = args.mid or min_mid_channels(args.c_in, args.c_out, k1, k2, k=args.kernel)
     print(f"G {tuple(G.shape)} -> C_mid={mid}, kernels {k1} (*) {k2}")
+    failed = []
     for method in args.methods:
         try:
             _, _, rep = decompose(G, mid, (k1, k2), method=method)
-        except DecompositionError as err:
+        except (DecompositionError, ValueError) as err:
             print(f"  {method:9s} failed: {err}")
+            failed.append(method)
             continue
         print(
             f"  {method:9s} {rep.how:9s} residual {rep.residual:.1e} (float32 "
             f"{rep.residual_cast:.1e}), zeros {rep.zero_fraction:.1%}, near-zeros "
             f"{rep.near_zero_fraction:.2%}, {rep.seconds:.3f} s"
         )
+    if failed and len(failed) == len(args.methods):
+        raise CommandFailed(f"every method failed ({', '.join(failed)})")
     return 0
 
 
@@ -380,12 +458,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("demo", "experiment"):
             return _run_experiment(args, demo=args.command == "demo")
-        if args.command == "morph":
-            return _run_morph(args)
-        return _run_decompose(args)
+        return _run_tool(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"stablemorph {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    """``morph`` and ``decompose``: exit 2 when the command cannot run as given (usage,
+    unknown layer, refused input: one line on stderr), 1 when it ran and failed."""
+    from stablemorph.checkpoint import CheckpointError
+    from stablemorph.morphs import MorphError
+
+    try:
+        return _run_morph(args) if args.command == "morph" else _run_decompose(args)
+    except (UsageError, MorphError, CheckpointError, ValueError) as err:
+        print(f"stablemorph {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except CommandFailed as err:
+        print(f"stablemorph {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (OSError, MemoryError, RuntimeError) as err:
+        print(f"stablemorph {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
