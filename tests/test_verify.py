@@ -342,6 +342,24 @@ def test_nan_in_the_probe_or_the_parents_output_is_named() -> None:
         deepen(Log1p(), "fc", inputs=inputs("mlp").flatten(1))
 
 
+def test_a_child_that_outputs_nan_is_named_as_such() -> None:
+    from stablemorph.morphs import contract
+
+    model = parent("mlp")
+    x = inputs("mlp").flatten(1)
+
+    def surgery(child: nn.Module, probe: tuple) -> contract.Surgery:
+        with torch.no_grad():
+            child.fc1.weight[0, 0] = float("nan")
+        return contract.Surgery({"fc1.weight": contract.ParamOrigin(None)})
+
+    with pytest.raises(MorphError, match=r"deepen 'fc1' \(scheme 'stable'\): the child's "
+                                         r"output holds NaN or inf in eval mode where the "
+                                         r"parent's is finite"):
+        contract.run_morph("deepen", model, "fc1", "stable", {"seed": 0}, surgery, x, None,
+                           None)
+
+
 def test_meta_device_models_are_refused_clearly() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to("meta")
     with pytest.raises(MorphError, match=r"parameter '0.weight' is on the meta device"):

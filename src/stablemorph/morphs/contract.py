@@ -327,6 +327,13 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
     except VerifyError as err:
         raise MorphError(f"{op} {target!r} (scheme {scheme!r}): {err}") from err
     limit = default_tolerance(model_dtype(model)) if tol is None else tol
+    broken = [t for t in check.tensors if not math.isfinite(t.max_abs)]
+    if broken:
+        raise MorphError(
+            f"{op} {target!r} (scheme {scheme!r}): the child's {broken[0].path} holds NaN or "
+            f"inf in {broken[0].mode} mode where the parent's is finite"
+            + (f" (residual {done.residual:.2e})" if done.residual is not None else "")
+        )
     if not check.ok(limit, noise=tol is None):
         worst = [t for t in check.tensors if not t.ok(limit, noise=tol is None)]
         floor = "" if check.noise_abs is None or tol is not None else (
