@@ -50,6 +50,18 @@ def test_every_morph_records_a_replayable_recipe(op: str) -> None:
     assert [r.op for r in history(grandchild)] == [op, "deepen"]
 
 
+@pytest.mark.parametrize("op", sorted(MORPHS))
+@pytest.mark.parametrize("scheme", ["stable", "net2net"])
+def test_morphs_leave_the_callers_rng_alone(op: str, scheme: str) -> None:
+    model = parent("cnn")
+    kw = dict(CALLS[op])
+    target = kw.pop("target")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    apply(op, model, target, inputs=inputs("cnn"), scheme=scheme, **kw)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_wrapped_models_are_refused_with_the_helper_named() -> None:
     model = parent("cnn")
     wrapped = nn.DataParallel(model)

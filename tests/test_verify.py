@@ -1,6 +1,6 @@
 """Verification that never passes vacuously (issue 13.6), exactness judged against the
 parent's float noise (issue 11), probes as the model takes them (issue 11), hooks across
-morphs (13.7), the caller's RNG (13.11), memory up front (13.15), NaN probes, meta-device
+morphs (13.7), memory up front (13.15), NaN probes, meta-device
 and compiled models (13.16)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from morph_cases import assert_untouched, inputs, parent, snapshot
 from torch import Tensor, nn
 
-from stablemorph.morphs import MORPHS, MorphError, apply, deepen, insert_subnet, widen
+from stablemorph.morphs import MorphError, deepen, insert_subnet, widen
 from stablemorph.morphs import memory as morph_memory
 from stablemorph.record import last_report
 from stablemorph.verify import NOISE_FACTOR, VerifyError, verify
@@ -266,29 +266,6 @@ def test_an_output_changing_hook_is_carried_exactly_or_refused_by_name() -> None
 
 
 # ----------------------------------------------------------------------------------------------
-# the caller's RNG (13.11)
-
-CALLS = {
-    "deepen": {"target": "features.conv2"},
-    "widen": {"target": "features.conv2", "width": 8},
-    "enlarge_kernel": {"target": "features.conv2", "kernel_size": 5},
-    "insert_subnet": {"target": "features.conv2"},
-}
-
-
-@pytest.mark.parametrize("op", sorted(MORPHS))
-@pytest.mark.parametrize("scheme", ["stable", "net2net"])
-def test_morphs_leave_the_callers_rng_alone(op: str, scheme: str) -> None:
-    model = parent("cnn")
-    kw = dict(CALLS[op])
-    target = kw.pop("target")
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    apply(op, model, target, inputs=inputs("cnn"), scheme=scheme, **kw)
-    assert torch.equal(torch.get_rng_state(), before)
-
-
-# ----------------------------------------------------------------------------------------------
 # memory up front (13.15)
 
 
@@ -386,3 +363,40 @@ def test_compiled_models_are_morphed_by_the_users_layer_names() -> None:
     assert "_orig_mod" not in str(err.value)
     with pytest.raises(MorphError, match=r"without the private '_orig_mod.' prefix: 'fc2'"):
         deepen(compiled, "_orig_mod.fc2", inputs=x)
+
+
+def test_a_hugging_face_model_grows_on_a_tokenizer_batch() -> None:
+    from transformers import BatchEncoding, BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    batch = BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    child = deepen(model, "encoder.layer.0.intermediate.dense", inputs=batch)
+    check = verify(model, child, batch)
+    assert {t.path for t in check.tensors} == {"output['last_hidden_state']",
+                                               "output['pooler_output']"}
+    assert check.ok(1e-5) and last_report(child).max_rel <= 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(child(**batch).last_hidden_state,
+                                   model(**batch).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_norm_layers_still_deepen_and_keep_the_callers_hooks() -> None:
+    model = parent("mlp")
+    model.fc2 = nn.utils.weight_norm(model.fc2)
+    log = Log()
+    model.fc2.register_forward_hook(log.hook)
+    x = inputs("mlp").flatten(1)
+    child = deepen(model, "fc1", inputs=x)  # fc2 keeps its own weight-norm hook and ours
+    with torch.no_grad():
+        torch.testing.assert_close(child(x), model(x), rtol=1e-5, atol=1e-6)
+    deeper = deepen(model, "fc2", inputs=x)  # the weight-norm layer itself is replaced
+    log.calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(deeper(x), model(x), rtol=1e-5, atol=1e-6)
+    assert log.calls == [(16, model.fc2.out_features)] * 2  # the child's layer, the parent's

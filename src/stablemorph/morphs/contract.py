@@ -49,6 +49,7 @@ from stablemorph.verify import (
     VerifyError,
     compare,
     default_tolerance,
+    preserved_state,
     reference,
     refuse_meta,
 )
@@ -270,21 +271,20 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
         raise MorphError(f"{op} {target!r}: {err}") from None
     hooked = {h.layer for h in parent_hooks}
     layer = model.get_submodule(target)
-    seen: dict[str, list[list[tuple[int, ...]]]] = {}  # hooked layers' shapes
+    seen: hooks.Calls = {}  # the hooked layers' input/output shapes in the parent
     ref_holder: list[Any] = []
 
     def run_reference(m: nn.Module) -> None:
         ref_holder.append(reference(m, probe))
 
     try:
-        target_calls = hooks.io_shapes(model, {target}, run_reference)[target] or [[]]
+        target_calls = hooks.io_shapes(model, {target}, run_reference)[target]
         if parent_hooks:
             seen = hooks.io_shapes(model, hooked, lambda m: _probe_eval(m, probe))
     except VerifyError as err:
         raise MorphError(f"{op} {target!r}: {err}") from err
     ref = ref_holder[0]
-    outputs = target_calls[0][target_calls[0].index((-1,)) + 1:] if (-1,) in target_calls[0] \
-        else []
+    outputs = target_calls[0][1] if target_calls else []
     try:
         mem_note = memory.check(model, op, target, layer, kwargs, outputs, model_dtype(model),
                                 model_device(model))
@@ -366,8 +366,6 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
 
 def _probe_eval(model: nn.Module, probe: Probe) -> None:
     """One eval-mode forward of ``model`` on ``probe``, state restored, RNG untouched."""
-    from stablemorph.verify import preserved_state
-
     with preserved_state(model), torch.no_grad(), torch.random.fork_rng(
             devices=probe.cuda_devices()):
         model.eval()

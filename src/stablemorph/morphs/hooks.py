@@ -9,7 +9,10 @@ tensors it sees change shape (e.g. the widened layer's output).
 
 Usage in the morph driver: :func:`collect` the parent's hooks, :func:`strip` the copies that
 ``copy.deepcopy`` made in the child (so a module that moves, e.g. into a shortcut, does not
-run them twice), run the surgery, then :func:`carry`.
+run them twice), run the surgery, then :func:`register` them on the child and
+:func:`check_shapes`. The hooks ``torch.nn.utils.weight_norm`` and ``spectral_norm`` install
+are the layer's own weight computation, not the caller's: they are left as a deep copy makes
+them (a morph reads the layer's effective weight).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 _KINDS = ("forward_pre", "forward", "backward_pre", "backward")
 
@@ -35,6 +40,7 @@ class Hook:
 
     layer: str
     kind: str
+    key: int
     fn: Callable[..., Any]
     with_kwargs: bool = False
     always_call: bool = False
@@ -55,6 +61,8 @@ def collect(model: nn.Module) -> list[Hook]:
     for name, module in model.named_modules():
         for kind, table in _dicts(module).items():
             for key, fn in table.items():
+                if isinstance(fn, WeightNorm | SpectralNorm):
+                    continue
                 if kind == "backward" and module._is_full_backward_hook is False:
                     raise HookError(
                         f"layer {name or '<model>'!r}: hook {getattr(fn, '__qualname__', fn)!r} "
@@ -62,7 +70,7 @@ def collect(model: nn.Module) -> list[Hook]:
                         f"its meaning across a morph is undefined: remove it, morph, and "
                         f"register a full backward hook on the child")
                 hooks.append(Hook(
-                    name, kind, fn,
+                    name, kind, key, fn,
                     with_kwargs=key in (module._forward_pre_hooks_with_kwargs if kind ==
                                         "forward_pre" else module._forward_hooks_with_kwargs
                                         if kind == "forward" else {}),
@@ -72,15 +80,15 @@ def collect(model: nn.Module) -> list[Hook]:
 
 
 def strip(model: nn.Module, hooks: list[Hook]) -> None:
-    """Remove every hook of the modules named in ``hooks`` from ``model`` (a deep copy)."""
-    for layer in {h.layer for h in hooks}:
-        module = model.get_submodule(layer)
-        for table in _dicts(module).values():
-            table.clear()
-        module._forward_hooks_with_kwargs.clear()
-        module._forward_pre_hooks_with_kwargs.clear()
-        module._forward_hooks_always_called.clear()
-        if module._is_full_backward_hook is not None and not module._backward_hooks:
+    """Remove ``hooks`` (by their keys) from ``model``'s modules of the same names: the copies
+    ``copy.deepcopy`` made."""
+    for h in hooks:
+        module = model.get_submodule(h.layer)
+        _dicts(module)[h.kind].pop(h.key, None)
+        module._forward_hooks_with_kwargs.pop(h.key, None)
+        module._forward_pre_hooks_with_kwargs.pop(h.key, None)
+        module._forward_hooks_always_called.pop(h.key, None)
+        if h.kind == "backward" and not module._backward_hooks:
             module._is_full_backward_hook = None
 
 
@@ -108,7 +116,7 @@ def register(model: nn.Module, hooks: list[Hook]) -> None:
             module.register_full_backward_hook(h.fn)
 
 
-def _shapes(value: Any) -> list[tuple[int, ...]]:
+def _shapes(value: Any) -> Shapes:
     if isinstance(value, torch.Tensor):
         return [tuple(value.shape)]
     if isinstance(value, dict):
@@ -118,18 +126,21 @@ def _shapes(value: Any) -> list[tuple[int, ...]]:
     return []
 
 
-def io_shapes(model: nn.Module, layers: set[str], run: Callable[[nn.Module], Any]
-              ) -> dict[str, list[list[tuple[int, ...]]]]:
-    """The tensor shapes each of ``layers`` receives and returns while ``run(model)`` runs
-    (per call: inputs then outputs); temporary hooks, removed afterwards."""
-    seen: dict[str, list[list[tuple[int, ...]]]] = {name: [] for name in layers}
+Shapes = list[tuple[int, ...]]
+Calls = dict[str, list[tuple[Shapes, Shapes]]]
+
+
+def io_shapes(model: nn.Module, layers: set[str], run: Callable[[nn.Module], Any]) -> Calls:
+    """The tensor shapes each of ``layers`` receives and returns while ``run(model)`` runs:
+    per call, ``(input shapes, output shapes)``; temporary hooks, removed afterwards."""
+    seen: Calls = {name: [] for name in layers}
     handles = []
     modules = dict(model.named_modules())
     for name in layers:
         if name in modules:
             def record(_m: nn.Module, args: Any, kwargs: Any, out: Any, name: str = name
                        ) -> None:
-                seen[name].append(_shapes(args) + _shapes(kwargs) + [(-1,)] + _shapes(out))
+                seen[name].append((_shapes(args) + _shapes(kwargs), _shapes(out)))
             handles.append(modules[name].register_forward_hook(record, with_kwargs=True,
                                                                prepend=True))
     try:
@@ -140,8 +151,7 @@ def io_shapes(model: nn.Module, layers: set[str], run: Callable[[nn.Module], Any
     return seen
 
 
-def check_shapes(hooks: list[Hook], parent: dict[str, list[list[tuple[int, ...]]]],
-                 child: dict[str, list[list[tuple[int, ...]]]]) -> None:
+def check_shapes(hooks: list[Hook], parent: Calls, child: Calls) -> None:
     """Refuse a hook whose layer sees other tensor shapes in the child than in the parent."""
     for h in hooks:
         if parent.get(h.layer) != child.get(h.layer):
@@ -153,9 +163,7 @@ def check_shapes(hooks: list[Hook], parent: dict[str, list[list[tuple[int, ...]]
                 f"morph, and register a hook meant for the child")
 
 
-def _fmt(calls: list[list[tuple[int, ...]]] | None) -> str:
+def _fmt(calls: list[tuple[Shapes, Shapes]] | None) -> str:
     if not calls:
         return "never called"
-    shapes = calls[0]
-    cut = shapes.index((-1,)) if (-1,) in shapes else len(shapes)
-    return f"{shapes[:cut]} -> {shapes[cut + 1:]}"
+    return f"{calls[0][0]} -> {calls[0][1]}"
