@@ -176,3 +176,13 @@ def test_ddp_wrapped_model_is_refused(tmp_path: Path) -> None:
                 widen(wrapped, target, 16, inputs=inputs("mlp"))
     finally:
         dist.destroy_process_group()
+
+
+def test_run_morph_accepts_a_target_that_is_no_module() -> None:
+    """Growths of a whole model (e.g. a transformer's depth) name no single layer."""
+    from stablemorph.morphs.contract import Surgery, run_morph
+
+    model = parent("mlp")
+    child = run_morph("noop", model, "depth", "stable", {"seed": 0},
+                      lambda _child, _probe: Surgery(), inputs("mlp").flatten(1), None, None)
+    assert history(child)[-1].target == "depth" and last_report(child).max_abs == 0.0

@@ -270,7 +270,7 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
     except hooks.HookError as err:
         raise MorphError(f"{op} {target!r}: {err}") from None
     hooked = {h.layer for h in parent_hooks}
-    layer = model.get_submodule(target)
+    layer = dict(model.named_modules()).get(target)  # None: a target that is no module
     seen: hooks.Calls = {}  # the hooked layers' input/output shapes in the parent
     ref_holder: list[Any] = []
 

@@ -50,7 +50,7 @@ def _geometry(layer: nn.Module) -> tuple[int, int, int, int] | None:
     return None
 
 
-def new_elements(op: str, layer: nn.Module, kwargs: dict[str, Any]) -> tuple[int, float]:
+def new_elements(op: str, layer: nn.Module | None, kwargs: dict[str, Any]) -> tuple[int, float]:
     """(new parameter elements, activation growth factor of the layer's output) for ``op``
     with ``kwargs`` on ``layer``; a lower bound (consumers of widened channels not counted)."""
     geom = _geometry(layer)
@@ -75,7 +75,7 @@ def new_elements(op: str, layer: nn.Module, kwargs: dict[str, Any]) -> tuple[int
     return 0, 1.0
 
 
-def estimate(model: nn.Module, op: str, layer: nn.Module, kwargs: dict[str, Any],
+def estimate(model: nn.Module, op: str, layer: nn.Module | None, kwargs: dict[str, Any],
              output_numel: int, dtype: torch.dtype) -> int:
     """A lower bound on the bytes ``op`` allocates (module docstring)."""
     itemsize = torch.tensor([], dtype=dtype).element_size()
@@ -87,7 +87,7 @@ def estimate(model: nn.Module, op: str, layer: nn.Module, kwargs: dict[str, Any]
             + int(output_numel * act) * (itemsize + 8) * 2)  # activations, both precisions
 
 
-def check(model: nn.Module, op: str, target: str, layer: nn.Module, kwargs: dict[str, Any],
+def check(model: nn.Module, op: str, target: str, layer: nn.Module | None, kwargs: dict[str, Any],
           output_shapes: Sequence[Sequence[int]], dtype: torch.dtype,
           device: torch.device) -> str:
     """Refuse (``MemoryError`` naming the layer, the estimate and what is available) when the
