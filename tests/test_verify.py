@@ -400,3 +400,26 @@ def test_weight_norm_layers_still_deepen_and_keep_the_callers_hooks() -> None:
     with torch.no_grad():
         torch.testing.assert_close(deeper(x), model(x), rtol=1e-5, atol=1e-6)
     assert log.calls == [(16, model.fc2.out_features)] * 2  # the child's layer, the parent's
+
+
+class CastsToFloat32(nn.Module):
+    """A forward that casts its input to float32: a float64 copy of it cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.to(torch.float32))
+
+
+def test_a_parent_that_cannot_run_in_float64_falls_back_to_the_fixed_tolerance() -> None:
+    model = CastsToFloat32()
+    x = inputs("mlp").flatten(1)
+    report = verify(model, copy.deepcopy(model), x)
+    assert report.max_abs == 0.0 and report.noise_abs is None and report.ok(1e-5)
+    assert any("no float64 noise floor in eval mode (running the parent on the probe batch "
+               "failed" in n for n in report.notes)
+    child = deepen(model, "fc", inputs=x)
+    assert last_report(child).max_rel <= 1e-5
