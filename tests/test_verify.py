@@ -423,3 +423,16 @@ def test_a_parent_that_cannot_run_in_float64_falls_back_to_the_fixed_tolerance()
                "failed" in n for n in report.notes)
     child = deepen(model, "fc", inputs=x)
     assert last_report(child).max_rel <= 1e-5
+
+
+def test_an_allocation_failure_during_surgery_is_named_as_memory() -> None:
+    from stablemorph.morphs import contract
+
+    def surgery(_child: nn.Module, _probe: tuple) -> contract.Surgery:
+        torch.empty(2**62, dtype=torch.uint8)  # the CPU allocator refuses: a RuntimeError
+        raise AssertionError("unreachable")
+
+    with pytest.raises(MorphError, match=r"deepen 'fc1': out of memory building the child "
+                                         r"\(RuntimeError: .*memory: estimated"):
+        contract.run_morph("deepen", parent("mlp"), "fc1", "stable", {"seed": 0}, surgery,
+                           inputs("mlp").flatten(1), None, None)

@@ -297,7 +297,10 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
         done = surgery(child, probe)
     except (GraphError, DecompositionError) as err:
         raise MorphError(f"{op} {target!r}: {err}") from err
-    except (torch.OutOfMemoryError, MemoryError) as err:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError | MemoryError) and \
+                "allocate" not in str(err).lower():
+            raise
         raise MorphError(f"{op} {target!r}: out of memory building the child "
                          f"({type(err).__name__}: {err}); {mem_note}") from err
 
