@@ -175,7 +175,7 @@ def _state(model: nn.Module) -> tuple[dict[str, Tensor], list[bool]]:
             [m.training for m in model.modules()])
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 20,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 20, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_random_morph_sequences_are_exact_or_refused_by_name(data: st.DataObject) -> None:
