@@ -167,6 +167,8 @@ def _morph_step(draw: st.DrawFn, model: nn.Module) -> tuple[str, str, dict]:
         kw["width"] = out + draw(st.integers(1, 3))
     elif op == "enlarge_kernel":
         kw["kernel_size"] = layer.kernel_size[0] + 2
+    elif op == "deepen" and isinstance(layer, nn.Conv2d) and draw(st.booleans()):
+        kw["kernel_size"] = 3  # a second 3x3 layer: K1 + stride * 2 - K must be even
     return op, name, kw
 
 
