@@ -50,7 +50,7 @@ def test_every_morph_records_a_replayable_recipe(op: str) -> None:
     assert [r.op for r in history(grandchild)] == [op, "deepen"]
 
 
-@pytest.mark.parametrize("op", sorted(MORPHS))
+@pytest.mark.parametrize("op", sorted(CALLS))
 @pytest.mark.parametrize("scheme", ["stable", "net2net"])
 def test_morphs_leave_the_callers_rng_alone(op: str, scheme: str) -> None:
     model = parent("cnn")

@@ -367,10 +367,12 @@ def _morph_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from stablemorph.morphs import MORPHS
 
     params = inspect.signature(MORPHS[args.op]).parameters
-    allowed = [n for n in params if n not in ("model", "target", "inputs")]
+    allowed = [n for n, p in params.items() if n not in ("model", "target", "inputs")
+               and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())  # checks its own
     kwargs = dict(args.kwargs)
     unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
+    if unknown and not open_ended:
         raise UsageError(f"--kwargs: unknown option(s) {', '.join(map(repr, unknown))} for "
                          f"{args.op}; it takes {', '.join(allowed)}")
     missing = [n for n in allowed if params[n].default is inspect.Parameter.empty

@@ -292,7 +292,6 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
         raise MorphError(str(err)) from None
 
     child = copy.deepcopy(model)
-    hooks.strip(child, parent_hooks)
     try:
         done = surgery(child, probe)
     except (GraphError, DecompositionError) as err:
@@ -318,13 +317,13 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
     carried = ""
     if parent_hooks:
         try:
-            hooks.register(child, parent_hooks)
-            now = hooks.io_shapes(child, hooked, lambda m: _probe_eval(m, probe))
-            hooks.check_shapes(parent_hooks, seen, now)
+            places = hooks.carry(child, parent_hooks)
+            now = hooks.io_shapes(child, set(places), lambda m: _probe_eval(m, probe))
+            hooks.check_shapes(parent_hooks, places, seen, now)
         except hooks.HookError as err:
             raise MorphError(f"{op} {target!r}: {err}") from None
-        carried = (f"{len(parent_hooks)} hook(s) carried to the child's layers of the same "
-                   f"name: {sorted(hooked)}")
+        carried = (f"{len(parent_hooks)} hook(s) carried to the child's layers "
+                   f"{sorted(set(places))} (hooked in the parent: {sorted(hooked)})")
     try:
         check = compare(ref, child)
     except VerifyError as err:

@@ -2,17 +2,22 @@
 
 A morph replaces a layer by a module that stands for it (same input, same output on every
 input). Hooks registered on the parent's modules (forward, forward-pre, full backward and
-backward-pre hooks) are carried to the child module of the *same name*: the very same hook
-objects (not copies), in the same order, with the same flags. A hook is refused, with its
-name and the layer's, when its meaning changes: the module is gone from the child, or the
-tensors it sees change shape (e.g. the widened layer's output).
+backward-pre hooks) are carried to the child: the very same hook objects (not the copies
+``copy.deepcopy`` makes), with the same flags, on the module that stands for the hooked one:
 
-Usage in the morph driver: :func:`collect` the parent's hooks, :func:`strip` the copies that
-``copy.deepcopy`` made in the child (so a module that moves, e.g. into a shortcut, does not
-run them twice), run the surgery, then :func:`register` them on the child and
-:func:`check_shapes`. The hooks ``torch.nn.utils.weight_norm`` and ``spectral_norm`` install
-are the layer's own weight computation, not the caller's: they are left as a deep copy makes
-them (a morph reads the layer's effective weight).
+- the module of the same name, when it still holds the hook (unchanged, or a surgery moved
+  the hook dicts there) or when the hooked module was replaced (deepen) or wrapped (the old
+  module now lives inside it, e.g. insert_subnet's shortcut: the copy there is removed);
+- the module a surgery moved the hook to under another name (a renamed block).
+
+A hook is refused, with its name and the layer's, when its meaning changes: the module is
+gone from the child, or the tensors it sees change shape (e.g. the widened layer's output).
+
+Usage in the morph driver: :func:`collect` the parent's hooks, run the surgery on a deep
+copy, :func:`carry` them in the child, then :func:`check_shapes`. The hooks that
+``torch.nn.utils.weight_norm`` and ``spectral_norm`` install are the layer's own weight
+computation, not the caller's: they are left as the deep copy makes them (a morph reads the
+layer's effective weight).
 """
 
 from __future__ import annotations
@@ -79,41 +84,60 @@ def collect(model: nn.Module) -> list[Hook]:
     return hooks
 
 
-def strip(model: nn.Module, hooks: list[Hook]) -> None:
-    """Remove ``hooks`` (by their keys) from ``model``'s modules of the same names: the copies
-    ``copy.deepcopy`` made."""
-    for h in hooks:
-        module = model.get_submodule(h.layer)
-        _dicts(module)[h.kind].pop(h.key, None)
-        module._forward_hooks_with_kwargs.pop(h.key, None)
-        module._forward_pre_hooks_with_kwargs.pop(h.key, None)
-        module._forward_hooks_always_called.pop(h.key, None)
-        if h.kind == "backward" and not module._backward_hooks:
-            module._is_full_backward_hook = None
+def _drop(module: nn.Module, kind: str, key: int) -> None:
+    _dicts(module)[kind].pop(key, None)
+    module._forward_hooks_with_kwargs.pop(key, None)
+    module._forward_pre_hooks_with_kwargs.pop(key, None)
+    module._forward_hooks_always_called.pop(key, None)
 
 
-def register(model: nn.Module, hooks: list[Hook]) -> None:
-    """Register ``hooks`` (the same callables) on ``model``'s modules of the same names.
+def _register(module: nn.Module, h: Hook) -> None:
+    if h.kind == "forward_pre":
+        module.register_forward_pre_hook(h.fn, with_kwargs=h.with_kwargs)
+    elif h.kind == "forward":
+        module.register_forward_hook(h.fn, with_kwargs=h.with_kwargs, always_call=h.always_call)
+    elif h.kind == "backward_pre":
+        module.register_full_backward_pre_hook(h.fn)
+    else:
+        module.register_full_backward_hook(h.fn)
+
+
+def carry(model: nn.Module, hooks: list[Hook]) -> list[str]:
+    """Put ``hooks`` (the caller's objects) on the modules of ``model`` (the child) that stand
+    for the hooked ones (module docstring); returns, per hook, the child module's name.
 
     Raises:
-        HookError: a hooked layer no longer exists in ``model``.
+        HookError: a hooked layer is gone from the child, or a hook was copied to several.
     """
     modules = dict(model.named_modules())
+    places = []
     for h in hooks:
-        module = modules.get(h.layer)
-        if module is None:
+        holders = [n for n, m in modules.items() if h.key in _dicts(m)[h.kind]]
+        inside = [n for n in holders if n.startswith(f"{h.layer}.") and h.layer]
+        if h.layer in holders:
+            place = h.layer
+        elif inside and h.layer in modules:  # the old module was wrapped by its replacement
+            for n in inside:
+                _drop(modules[n], h.kind, h.key)
+            _register(modules[h.layer], h)
+            places.append(h.layer)
+            continue
+        elif len(holders) == 1:  # the surgery moved the hook to a renamed module
+            place = holders[0]
+        elif holders:
+            raise HookError(f"layer {h.layer!r}: {h.kind} hook {h.name!r} was copied to "
+                            f"{holders}; remove it, morph, and register it on the child")
+        elif h.layer in modules:  # the hooked module was replaced
+            _register(modules[h.layer], h)
+            places.append(h.layer)
+            continue
+        else:
             raise HookError(
                 f"layer {h.layer!r}: {h.kind} hook {h.name!r} cannot be carried: the morph "
                 f"removed the layer; remove the hook, morph, and register it on the child")
-        if h.kind == "forward_pre":
-            module.register_forward_pre_hook(h.fn, with_kwargs=h.with_kwargs)
-        elif h.kind == "forward":
-            module.register_forward_hook(h.fn, with_kwargs=h.with_kwargs,
-                                         always_call=h.always_call)
-        elif h.kind == "backward_pre":
-            module.register_full_backward_pre_hook(h.fn)
-        else:
-            module.register_full_backward_hook(h.fn)
+        _dicts(modules[place])[h.kind][h.key] = h.fn  # the caller's object, not a copy
+        places.append(place)
+    return places
 
 
 def _shapes(value: Any) -> Shapes:
@@ -151,11 +175,12 @@ def io_shapes(model: nn.Module, layers: set[str], run: Callable[[nn.Module], Any
     return seen
 
 
-def check_shapes(hooks: list[Hook], parent: Calls, child: Calls) -> None:
-    """Refuse a hook whose layer sees other tensor shapes in the child than in the parent."""
-    for h in hooks:
-        if parent.get(h.layer) != child.get(h.layer):
-            was, now = parent.get(h.layer), child.get(h.layer)
+def check_shapes(hooks: list[Hook], places: list[str], parent: Calls, child: Calls) -> None:
+    """Refuse a hook whose layer sees other tensor shapes in the child (at ``places``, as
+    :func:`carry` returns them) than in the parent."""
+    for h, place in zip(hooks, places, strict=True):
+        if parent.get(h.layer) != child.get(place):
+            was, now = parent.get(h.layer), child.get(place)
             raise HookError(
                 f"layer {h.layer!r}: {h.kind} hook {h.name!r} cannot be carried: the morph "
                 f"changes what the layer sees (input/output shapes {_fmt(was)} in the parent, "
