@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,12 +101,30 @@ def main() -> None:
     parser.add_argument("--adam-max-size", type=int, default=128, help="largest C given to Adam")
     parser.add_argument("--lm-max-size", type=int, default=128, help="largest C for the LM problem")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured rows of --out's table (and say so)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="src/ of older code: time it against this checkout's, alternating "
+                        "subprocesses, same seeds")
+    parser.add_argument("--worker", nargs=4, type=str, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        name, c, seed, threads = args.worker
+        torch.set_num_threads(int(threads))
+        k, ks, ratio = PROBLEMS[name]
+        G = kernel(int(c), k, seed=int(c))
+        t = time.perf_counter()
+        *_, rep = decompose(G, round(int(c) * ratio), ks, method="stable", seed=int(seed),
+                            max_iter=100)
+        print(json.dumps({"seconds": time.perf_counter() - t, "residual": rep.residual}))
+        return
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     rows = []
-    for name, (k, ks, ratio) in PROBLEMS.items():
+    for name in args.problems:
+        k, ks, ratio = PROBLEMS[name]
         for c in args.sizes:
             if ks == (3, 3) and k == 5 and c > args.lm_max_size:
                 continue
@@ -132,9 +153,26 @@ def main() -> None:
                 target = max(rep.residual, 1e-10)
                 res, asec, steps, why = adam(G, c_mid, ks, target, args.adam_seconds, 1e-3, 0)
                 row.update(adam_res=res, adam_s=asec, adam_steps=steps, adam_why=why)
+            if args.before is not None:
+                row["versus"] = versus(args.before, name, c, args.repeats, args.threads)
             rows.append(row)
             print(row, flush=True)
     write(rows, args, load)
+
+
+def versus(before: Path, name: str, c: int, repeats: int, threads: int) -> dict:
+    """Median seconds of the old and this checkout's ``decompose`` on the same problem and
+    seeds, each run in a fresh subprocess, old and new alternating (same machine load)."""
+    here = Path(__file__).resolve()
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    for seed in range(repeats):
+        for version, src in (("before", before.resolve()), ("after", here.parents[1] / "src")):
+            env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
+            out = subprocess.run(
+                [sys.executable, str(here), "--worker", name, str(c), str(seed), str(threads)],
+                env=env, capture_output=True, text=True, check=True).stdout
+            times[version].append(json.loads(out.strip().splitlines()[-1])["seconds"])
+    return {v: statistics.median(t) for v, t in times.items()} | {"load": os.getloadavg()[0]}
 
 
 def write(rows: list[dict], args: argparse.Namespace, load: float) -> None:
@@ -170,11 +208,46 @@ def write(rows: list[dict], args: argparse.Namespace, load: float) -> None:
             f"{r['residual']:.1e} | {r['residual_f32']:.1e} | {r['zeros']:.1%} | {r['near']:.2%} | "
             f"{adam_cells} |"
         )
-    text = "\n".join(lines) + "\n"
+    versus_rows = [r for r in rows if "versus" in r]
+    extra: list[str] = []
+    if versus_rows:
+        extra += ["", f"Before/after (code before: `{args.before}`, commit ec674de), each run in "
+                  f"a fresh subprocess, old and new alternating, seeds 0..{args.repeats - 1}, "
+                  f"medians:", "",
+                  "| problem | C | before s | after s | speed-up | load at end |",
+                  "|---|---|---|---|---|---|"]
+        for r in versus_rows:
+            v = r["versus"]
+            extra.append(f"| {r['problem']} | {r['C']} | {v['before']:.2f} | {v['after']:.2f} | "
+                         f"{v['before'] / v['after']:.1f}x | {v['load']:.2f} |")
+    text = "\n".join(lines + extra) + "\n"
     print(text)
+    if args.out and args.update and args.out.exists():
+        text = _update(args.out.read_text(), lines, load) + "\n".join(extra) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+
+
+def _update(old: str, lines: list[str], load: float) -> str:
+    """``old`` with the rows of the same (problem, C) replaced by the new ones, and a line
+    saying which rows were re-measured, when, with what command and load."""
+    new = {tuple(r.split(" | ")[:2]): r for r in lines if r.startswith("| ") and " | " in r
+           and not r.startswith("| problem") and not r.startswith("|---")}
+    out, done = [], []
+    for line in old.splitlines():
+        key = tuple(line.split(" | ")[:2])
+        if key in new:
+            out.append(new[key])
+            done.append(f"{key[0][2:]} at C={key[1]}")
+        else:
+            out.append(line)
+    out += ["", f"Re-measured on {datetime.date.today().isoformat()} (rows: "
+            f"{', '.join(done)}): `.venv/bin/python benchmarks/decompose.py "
+            f"{' '.join(os.sys.argv[1:])}`, load average at start {load:.2f}"
+            f"{' (NOT idle: other jobs were running)' if load >= 0.5 else ''}; the other rows "
+            f"are from the run above."]
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,15 +1,28 @@
-"""Time every layer morph of a ResNet-18-sized CNN per scheme, and the whole-model morph.
+"""Time every layer morph of a ResNet-18-sized CNN per scheme, and whole-model growths
+against the code before issue 14.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/morph.py [--repeats 3] [--quick]
+        [--before /tmp/perf-before/src] [--sections whole layers]
 
-For each morph (deepen, widen by 25%, enlarge_kernel by 2, insert_subnet), each scheme and
-each applicable layer of ``build_model("resnet", layers=(2, 2, 2, 2), widths=(64, 128, 256,
-512))`` (11.2M parameters, CIFAR-sized 32x32 input), it records the median wall time of
-``--repeats`` calls (each call includes the deep copy, the decomposition, and the
-verification in eval and train mode on a probe batch of 4), the deviation reached
-(``max_rel``) and the fraction of exact zeros in the new or changed parameters. Then it
-deepens every conv of the network with ``"stable"``, one after the other (default options),
-and checks the result against the original network.
+Section ``whole`` (issue 14): on ``build_model("resnet")`` (ResNet-18, 11.2M parameters,
+CIFAR-sized probe 4x3x32x32), one after the other, with ``"stable"``:
+
+- ``deepen``: every conv deepened with the default options (a 1x1 second factor);
+- ``deepen3``: every 3x3 conv deepened with ``kernel_size=3`` (3x3 (*) 3x3);
+- ``widen``: every 3x3 conv widened to 1.25x its original width (a conv whose channel group
+  was already widened with another producer is skipped);
+- ``load``: ``sm.save`` then ``sm.load`` of the ``deepen3`` result.
+
+Each repetition runs in a fresh subprocess; with ``--before PATH`` (the ``src`` of a checkout
+of the old code, e.g. ``git worktree add /tmp/perf-before ec674de``) the old library runs
+the same workload in alternating subprocesses (before, after, before, ...), so both see the
+same machine load; the table gives medians and the ratio. Each morph's time includes its deep
+copy, decomposition and self-check (eval and train mode on the probe). The child's deviation
+from the original network is set against the parent's own float32 noise (the parent in
+float32 against a float64 copy of it, same probe, eval mode).
+
+Section ``layers``: each morph (deepen, widen by 25%, enlarge_kernel by 2, insert_subnet),
+each scheme and each applicable layer, timed alone (median of ``--repeats`` calls).
 
 BatchNorm affine parameters and running statistics are randomised first, as a trained
 network's would be; weights keep their initialisation. Results go to
@@ -19,11 +32,15 @@ network's would be; weights keep their initialisation. Results go to
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +49,7 @@ import torch
 from torch import nn
 
 from stablemorph.morphs import MorphError, deepen, enlarge_kernel, insert_subnet, widen
-from stablemorph.record import MorphReport, last_report
+from stablemorph.record import MorphReport, history, last_report
 from stablemorph.verify import verify
 from stablemorph.zoo import build_model
 
@@ -108,17 +125,102 @@ def _row(op: str, target: str, scheme: str, seconds: float, report: MorphReport 
             "error": error}
 
 
-def deepen_everything(model: nn.Module, x: torch.Tensor) -> tuple[float, float, int]:
-    """Deepen every conv with "stable", one morph after another; (seconds, max_rel of the
-    final child against the original, parameters of the final child)."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+WHOLE = ("deepen", "deepen3", "widen", "load")
+
+
+def _convs3(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+
+
+def grow(case: str, model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
+    """Run the whole-model workload ``case``; (child, number of morphs)."""
+    child, count = model, 0
+    if case == "deepen":
+        for name in [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]:
+            child, count = deepen(child, name, inputs=x), count + 1
+    elif case == "deepen3":
+        for name in _convs3(model):
+            child, count = deepen(child, name, kernel_size=3, inputs=x), count + 1
+    else:
+        for name in _convs3(model):
+            c = model.get_submodule(name).out_channels
+            if child.get_submodule(name).out_channels < c + c // 4:
+                child, count = widen(child, name, width=c + c // 4, inputs=x), count + 1
+    return child, count
+
+
+def against_float64(model: nn.Module, child: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(max_rel of the float32 ``model``, max_rel of the float32 ``child``) against a float64
+    copy of ``model`` (eval mode): the parent's own float noise, and the child's distance
+    from the exact function."""
+    with torch.no_grad():
+        model.eval()
+        child.eval()
+        want = copy.deepcopy(model).double()(x.double())
+
+        def rel(out: torch.Tensor) -> float:
+            return float((out.double() - want).abs().max() / want.abs().max())
+
+        return rel(model(x)), rel(child(x))
+
+
+def worker(case: str, threads: int) -> dict:
+    """One repetition of ``case`` in this process (the library on ``sys.path``)."""
+    torch.set_num_threads(threads)
+    model = resnet18()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    if case == "load":
+        import stablemorph as sm
+
+        child, _ = grow("deepen3", model, x)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "child.pt"
+            sm.save(child, path)
+            start = time.perf_counter()
+            loaded = sm.load(path)
+            seconds = time.perf_counter() - start
+            size = path.stat().st_size
+        return {"seconds": seconds, "max_rel": verify(child, loaded, x).max_rel,
+                "morphs": 0, "params": sum(p.numel() for p in loaded.parameters()),
+                "bytes": size}
     start = time.perf_counter()
-    child = model
-    for name in convs:
-        child = deepen(child, name, inputs=x)
+    child, count = grow(case, model, x)
     seconds = time.perf_counter() - start
+    reports = [r.report for r in history(child)]
     check = verify(model, child, x)
-    return seconds, check.max_rel, sum(p.numel() for p in child.parameters())
+    noise, exact = against_float64(model, child, x)
+    return {"seconds": seconds, "morphs": count, "max_rel": check.max_rel, "exact": exact,
+            "worst_morph_max_rel": max((r.max_rel for r in reports), default=float("nan")),
+            "worst_near": max((r.near_zero_fraction for r in reports), default=float("nan")),
+            "noise": noise,
+            "params": sum(p.numel() for p in child.parameters())}
+
+
+def run_whole(cases: list[str], repeats: int, threads: int, before: Path | None,
+              load_repeats: int = 1, after: Path | None = None) -> dict:
+    """Medians of ``repeats`` (``load_repeats`` for ``load``) subprocess runs per case and
+    code version, alternating."""
+    here = Path(__file__).resolve()
+    versions = {"after": (after or here.parents[1] / "src").resolve()}
+    if before is not None:
+        versions = {"before": before.resolve(), **versions}
+    out: dict = {case: {v: [] for v in versions} for case in cases}
+    for case in cases:
+        for _ in range(load_repeats if case == "load" else repeats):
+            for version, src in versions.items():
+                env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
+                proc = subprocess.run(
+                    [sys.executable, str(here), "--worker", case, "--threads", str(threads)],
+                    env=env, capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    raise RuntimeError(f"{version} {case} failed:\n{proc.stderr[-3000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["load"] = _load()
+                out[case][version].append(row)
+                print(f"{case:8s} {version:6s} {row['seconds']:7.2f}s "
+                      f"max_rel={row['max_rel']:.1e} load {row['load']}", flush=True)
+    return out
 
 
 def _cpu() -> str:
@@ -136,39 +238,90 @@ def _load() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def _markdown(rows: list[dict], whole: list[tuple[float, float, int]], meta: dict) -> str:
+WHOLE_TITLES = {
+    "deepen": "deepen every conv (default options: 1x1 second factor)",
+    "deepen3": "deepen every 3x3 conv with kernel_size=3 (3x3 (*) 3x3)",
+    "widen": "widen every 3x3 conv to 1.25x its width",
+    "load": "sm.load of the deepen3 result (after sm.save)",
+}
+
+
+def _whole_markdown(whole: dict, meta: dict) -> list[str]:
+    lines = [
+        "## Whole model, before and after issue 14",
+        "",
+        f"Code before: `{meta['before']}` (commit ec674de); after: this branch. Each cell: "
+        f"median of {meta['repeats']} runs, each in a fresh subprocess, before and after "
+        f"alternating so both see the same load; {meta['threads']} threads. `max_rel`: the "
+        "final child against the original network on the probe (eval and train mode); "
+        "`noise`: the original network's own float32 noise (float32 against a float64 copy, "
+        "eval mode): a deviation of that order is exact in float32. `worst morph`: the "
+        "largest `max_rel` one morph reported against its parent; `near zeros`: the largest "
+        "near-zero fraction of one morph's new parameters; `vs float64`: the final child "
+        "(float32) against the float64 copy of the original, to set beside `noise`.",
+        "",
+        "| workload | morphs | before s | after s | speed-up | max_rel before | max_rel after "
+        "| noise | vs float64 before | vs float64 after | worst morph after | near zeros before "
+        "| near zeros after | runs after (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, by in whole.items():
+        after = by["after"]
+        before = by.get("before", [])
+        med = statistics.median(r["seconds"] for r in after)
+        bmed = statistics.median(r["seconds"] for r in before) if before else float("nan")
+
+        def cell(rows: list[dict], key: str, fmt: str = ".1e") -> str:
+            vals = [r[key] for r in rows if key in r]
+            return format(max(vals), fmt) if vals else "-"
+
+        lines.append(
+            f"| {WHOLE_TITLES[case]} | {after[0]['morphs']} | "
+            + (f"{bmed:.1f}" if before else "-") + f" | {med:.2f} | "
+            + (f"{bmed / med:.1f}x" if before else "-") + f" | {cell(before, 'max_rel')} | "
+            f"{cell(after, 'max_rel')} | {cell(after, 'noise')} | {cell(before, 'exact')} | "
+            f"{cell(after, 'exact')} | "
+            f"{cell(after, 'worst_morph_max_rel')} | {cell(before, 'worst_near', '.2%')} | "
+            f"{cell(after, 'worst_near', '.2%')} | "
+            + ", ".join(f"{r['seconds']:.2f}" for r in after) + " |")
+    loads = [r["load"] for by in whole.values() for rows in by.values() for r in rows]
+    lines += ["", "Load average (1/5/15 min) after each run, in order: "
+              + "; ".join(loads) + ".", ""]
+    return lines
+
+
+def _markdown(rows: list[dict], whole: dict, meta: dict) -> str:
     lines = [
         "# Morph benchmark: ResNet-18-sized CNN",
         "",
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']}",
         f"- command: `{meta['command']}`",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, probe batch "
+        f"- torch {torch.__version__}, {meta['threads']} threads, probe batch "
         f"{meta['batch']}x3x32x32, median of {meta['repeats']} runs per cell",
         f"- load average (1/5/15 min) before: {meta['load_before']}, after: "
         f"{meta['load_after']}. "
         + ("The machine was otherwise idle." if meta["idle"] else
-           "**The machine was not idle**: other jobs ran on its 2 cores during this run, so "
-           "the times are upper bounds and vary from run to run."),
+           "**The machine was not idle**: other jobs (other agents' tests and benchmarks) "
+           "ran on its 2 cores during this run, so the times are upper bounds and vary from "
+           "run to run; the before/after ratios come from alternating runs under the same "
+           "load."),
         "",
-        "Each time is one full call: deep copy, surgery (with the decomposition), and the "
+        *_whole_markdown(whole, meta),
+    ]
+    if not rows:
+        return "\n".join(lines) + "\n"
+    lines += [
+        "Each time below is one full call: deep copy, surgery (with the decomposition), and the "
         "self-check in eval and train mode (4 forward passes of parent and child). "
         "`max_rel` is the largest output deviation relative to the output scale; `zeros` "
         "the fraction of exact zeros among the new or changed parameters. A *refused* morph "
         "raised MorphError (its self-check or solver missed the float32 tolerance 1e-5); "
         "its time is that of the failed attempt.",
         "",
-        "## Whole model: deepen every conv with \"stable\" (20 morphs in a row)",
-        "",
-        "| run | seconds | max_rel vs original | parameters after |",
-        "|---|---|---|---|",
-    ]
-    for k, (sec, rel, n) in enumerate(whole, start=1):
-        lines.append(f"| {k} | {sec:.1f} | {rel:.1e} | {n:,} |")
-    lines += [f"\nMedian: **{statistics.median(s for s, _, _ in whole):.1f} s**.", "",
-              "## Summary per morph and scheme", "",
-              "| morph | scheme | layers | refused | total s | median s | slowest s | "
-              "worst max_rel | zeros (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+        "## Summary per morph and scheme", "",
+        "| morph | scheme | layers | refused | total s | median s | slowest s | "
+        "worst max_rel | zeros (mean) |", "|---|---|---|---|---|---|---|---|---|"]
     for op in ("deepen", "widen", "enlarge_kernel", "insert_subnet"):
         for scheme in SCHEMES:
             sel = [r for r in rows if r["op"] == op and r["scheme"] == scheme]
@@ -200,8 +353,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few layers only")
+    parser.add_argument("--sections", nargs="+", default=["whole", "layers"],
+                        choices=["whole", "layers"])
+    parser.add_argument("--cases", nargs="+", default=list(WHOLE), choices=WHOLE)
+    parser.add_argument("--before", type=Path, default=None,
+                        help="src/ of the old code, run in subprocesses for the ratios")
+    parser.add_argument("--load-repeats", type=int, default=1)
+    parser.add_argument("--after", type=Path, default=None,
+                        help="src/ of the new code (default: this checkout's)")
+    parser.add_argument("--worker", choices=WHOLE, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.threads)))
+        return
     torch.set_num_threads(args.threads)
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
@@ -210,18 +375,27 @@ def main(argv: list[str] | None = None) -> None:
         "command": "OMP_WAIT_POLICY=PASSIVE python " + " ".join(["benchmarks/morph.py",
                                                                  *sys.argv[1:]]),
         "batch": args.batch, "repeats": args.repeats, "load_before": _load(),
-        "idle": os.getloadavg()[0] < 0.5,
+        "idle": os.getloadavg()[0] < 0.5, "threads": args.threads,
+        "before": str(args.before) if args.before else "not run",
     }
-    model = resnet18()
-    x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    whole = []
-    for _ in range(args.repeats):
-        whole.append(deepen_everything(model, x))
-        print(f"deepen every conv: {whole[-1][0]:.1f}s, max_rel {whole[-1][1]:.1e}", flush=True)
-    rows = run_layer_morphs(model, x, args.repeats, args.quick)
+    whole = (run_whole(args.cases, args.repeats, args.threads, args.before, args.load_repeats,
+                       args.after) if "whole" in args.sections else {})
+    kept = ""
+    if "layers" not in args.sections and args.out.exists():  # keep the last per-layer tables
+        old = args.out.read_text()
+        at = old.find("## Summary per morph and scheme")
+        if at >= 0:
+            kept = ("\n## Per layer (not re-run here: kept from the previous run of this file, "
+                    "whose header it had)\n\n" + old[at:])
+    rows = []
+    if "layers" in args.sections:
+        model = resnet18()
+        x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        rows = run_layer_morphs(model, x, args.repeats, args.quick)
     meta["load_after"] = _load()
+    meta["idle"] = meta["idle"] and os.getloadavg()[0] < 0.5
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(_markdown(rows, whole, meta))
+    args.out.write_text(_markdown(rows, whole, meta) + kept)
     print(f"wrote {args.out}")
 
 
