@@ -13,8 +13,11 @@ CIFAR-sized probe 4x3x32x32), one after the other, with ``"stable"``:
   was already widened with another producer is skipped);
 - ``load``: ``sm.save`` then ``sm.load`` of the ``deepen3`` result.
 
-Each repetition runs in a fresh subprocess; with ``--before PATH`` (the ``src`` of a checkout
-of the old code, e.g. ``git worktree add /tmp/perf-before ec674de``) the old library runs
+``python benchmarks/morph.py --worker deepen3 --threads 1`` runs one repetition in-process and
+prints it as JSON, with the CPU seconds it used (``time.process_time``: a figure a loaded
+machine inflates far less than wall time). Each repetition runs in a fresh subprocess; with
+``--before PATH`` (the ``src`` of a checkout of the old code, e.g. ``git worktree add
+/tmp/perf-before ec674de``) the old library runs
 the same workload in alternating subprocesses (before, after, before, ...), so both see the
 same machine load; the table gives medians and the ratio. Each morph's time includes its deep
 copy, decomposition and self-check (eval and train mode on the probe). The child's deviation
@@ -184,13 +187,14 @@ def worker(case: str, threads: int) -> dict:
         return {"seconds": seconds, "max_rel": verify(child, loaded, x).max_rel,
                 "morphs": 0, "params": sum(p.numel() for p in loaded.parameters()),
                 "bytes": size}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     child, count = grow(case, model, x)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     reports = [r.report for r in history(child)]
     check = verify(model, child, x)
     noise, exact = against_float64(model, child, x)
-    return {"seconds": seconds, "morphs": count, "max_rel": check.max_rel, "exact": exact,
+    return {"seconds": seconds, "cpu_seconds": cpu, "morphs": count, "max_rel": check.max_rel,
+            "exact": exact,
             "worst_morph_max_rel": max((r.max_rel for r in reports), default=float("nan")),
             "worst_near": max((r.near_zero_fraction for r in reports), default=float("nan")),
             "noise": noise,
@@ -285,7 +289,8 @@ def _whole_markdown(whole: dict, meta: dict) -> list[str]:
             f"{cell(after, 'worst_near', '.2%')} | "
             + ", ".join(f"{r['seconds']:.2f}" for r in after) + " |")
     loads = [r["load"] for by in whole.values() for rows in by.values() for r in rows]
-    lines += ["", "Load average (1/5/15 min) after each run, in order: "
+    lines += ["", "Load average (1/5/15 min) after each run, per workload: the before runs, then "
+              "the after runs: "
               + "; ".join(loads) + ".", ""]
     return lines
 
@@ -385,8 +390,9 @@ def main(argv: list[str] | None = None) -> None:
         old = args.out.read_text()
         at = old.find("## Summary per morph and scheme")
         if at >= 0:
-            kept = ("\n## Per layer (not re-run here: kept from the previous run of this file, "
-                    "whose header it had)\n\n" + old[at:])
+            kept = ("\n## Per layer (not re-run here: kept from the previous run of this file; "
+                    "its date, load and code are in its own header, not this one's)\n\n"
+                    + old[at:])
     rows = []
     if "layers" in args.sections:
         model = resnet18()
