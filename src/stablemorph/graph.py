@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from stablemorph.activations import PAct
 from stablemorph.verify import preserved_state
 
 GROUP = -1  # owner id of the channels of the group being widened
@@ -37,18 +36,7 @@ GROUP = -1  # owner id of the channels of the group being widened
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-# Element-wise modules and whether they map 0 to 0 (NetMorph's zero-incoming widening needs it).
-_ELEMENTWISE_MODULES: dict[type[nn.Module], bool] = {
-    nn.ReLU: True, nn.LeakyReLU: True, nn.GELU: True, nn.Tanh: True, nn.Sigmoid: False,
-    nn.SiLU: True, nn.ELU: True, nn.ReLU6: True, nn.Hardtanh: True, nn.Hardswish: True,
-    nn.Mish: True, nn.Softplus: False, nn.Hardsigmoid: False, nn.Identity: True,
-    nn.Dropout: True, nn.Dropout1d: True, nn.Dropout2d: True, nn.Dropout3d: True,
-}
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
+# Functions and methods that act on each element (value: f(0) == 0).
 _ELEMENTWISE_FUNCTIONS: dict[object, bool] = {
     torch.relu: True, F.relu: True, torch.tanh: True, F.tanh: True, torch.sigmoid: False,
     F.sigmoid: False, F.gelu: True, F.silu: True, F.leaky_relu: True, F.elu: True,
@@ -56,44 +44,92 @@ _ELEMENTWISE_FUNCTIONS: dict[object, bool] = {
     torch.neg: True, F.max_pool1d: True, F.max_pool2d: True, F.max_pool3d: True,
     F.avg_pool1d: True, F.avg_pool2d: True, F.avg_pool3d: True, F.adaptive_avg_pool1d: True,
     F.adaptive_avg_pool2d: True, F.adaptive_avg_pool3d: True, F.adaptive_max_pool1d: True,
-    F.adaptive_max_pool2d: True,
+    F.adaptive_max_pool2d: True, F.hardswish: True, F.softplus: False, torch.exp: False,
+    F.hardsigmoid: False, torch.erf: True, torch.square: True, torch.abs: True,
 }
 _ELEMENTWISE_METHODS = {
     "relu": True, "tanh": True, "sigmoid": False, "contiguous": True, "clone": True,
-    "neg": True, "detach": True,
+    "neg": True, "detach": True, "to": True, "float": True, "type_as": True, "abs": True,
+    "square": True, "exp": False,
 }
+_POWERS = {torch.pow, operator.pow}
 _ADDS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_SCALINGS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul,
-             torch.div}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul}
+_QUOTIENTS = {operator.truediv, operator.itruediv, torch.div}
 _REDUCTIONS = {"mean", "sum", "amax", "amin"}
 _CATS = {torch.cat, torch.concat}
 _ACCESSORS = {"size", "dim", "numel"}
+_VIEWS = {"view", "reshape", "squeeze", "unsqueeze"}
+# functional norms: (function, the argument holding the weight or statistics, the dim their
+# channels must be on: 1 (channels-first) or -1 (last))
+_NORM_FUNCTIONS: dict[object, tuple[tuple[int, ...], int]] = {
+    F.batch_norm: ((3, 1, 4, 2), 1), F.layer_norm: ((2, 3), -1), F.group_norm: ((2, 3), 1),
+    F.rms_norm: ((2,), -1),
+}
 
 
 class GraphError(ValueError):
     """The model cannot be analysed, or a layer name / channel group is unsupported."""
 
 
+def _handlers():  # late import: the handlers import this module's Remap
+    from stablemorph import handlers
+
+    return handlers
+
+
 class MorphTracer(fx.Tracer):
-    """The default tracer, with :class:`PAct` kept as one leaf module."""
+    """The default tracer; every module whose type has a handler (and keeps its handler's
+    ``forward``) is one leaf node, and the module being traced is remembered so that a
+    failure can name it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, PAct) or super().is_leaf_module(m, module_qualified_name)
+        return _handlers().is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
+        self.path.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.path.pop()
+        return out
+
+
+def _fx_cause(err: Exception) -> str:
+    """What an fx failure means, in words (fx's own messages often blame control flow)."""
+    text = str(err)
+    if "co_varnames" in text:
+        return ("its forward takes **kwargs (or *args), which torch.fx cannot turn into graph "
+                "inputs")
+    if "cannot be iterated" in text:
+        return ("its forward iterates over or unpacks a traced tensor (a loop over a tensor, "
+                "a tuple-unpacked shape, or a tensor passed as *args/**kwargs)")
+    if "control flow" in text or "__bool__" in text:
+        return "its forward branches on tensor values (data-dependent control flow)"
+    return "torch.fx cannot record one of its operations"
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; the GraphModule shares ``model``'s submodules.
 
     Raises:
-        GraphError: torch.fx cannot trace the model (data-dependent control flow, ...); the
-            message carries fx's reason.
+        GraphError: torch.fx cannot trace the model; the message names the module whose
+            forward failed, what fx's error means, and fx's own error.
     """
+    tracer = MorphTracer()
     try:
-        graph = MorphTracer().trace(model)
-    except Exception as err:  # fx raises many types (TraceError, TypeError, ...)
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many types (TraceError, TypeError, ValueError, ...)
+        where = tracer.path[-1] if tracer.path else ""
+        inner = (f"in {where!r} ({type(model.get_submodule(where)).__name__})" if where
+                 else "in its own forward")
         raise GraphError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}. "
-            f"Widening needs a traceable forward (no data-dependent control flow)."
+            f"torch.fx cannot trace {type(model).__name__}: it failed {inner}: "
+            f"{_fx_cause(err)} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"Widen inside a traceable sub-module (e.g. one block's MLP, passing that "
+            f"sub-module to widen), or grow a whole Hugging Face model with sm.grow"
         ) from err
     return fx.GraphModule(model, graph)
 
@@ -116,14 +152,24 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def role_of(m: nn.Module | None) -> str | None:
+    """The role of ``m``'s handler (``"dense"``, ``"channelwise"``, ``"elementwise"``), or
+    ``None`` when no handler knows its type."""
+    h = _handlers().handler_for(m) if m is not None else None
+    return h.role(m) if h is not None else None
+
+
 def is_depthwise(m: nn.Module) -> bool:
     """A conv that maps each input channel to exactly one output channel of its own."""
-    return isinstance(m, CONV) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return isinstance(m, CONV) and role_of(m) == "channelwise"
 
 
-def is_dense(m: nn.Module) -> bool:
-    """A Conv or Linear whose every output reads every input (groups == 1)."""
-    return isinstance(m, nn.Linear) or (isinstance(m, CONV) and m.groups == 1)
+def is_dense(m: nn.Module | None) -> bool:
+    """A layer with output units of its own that widening can grow (Conv/Linear with
+    ``groups == 1``, Embedding, HF Conv1D, a user's registered layer)."""
+    h = _handlers().handler_for(m) if m is not None else None
+    return (h is not None and h.role(m) == "dense" and h.out_units(m) is not None
+            and h.refusal(m, "out") is None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +245,10 @@ class _Pass:
     labels: dict[fx.Node, Labels | None] = field(default_factory=dict)
     ties: list[tuple[fx.Node, list[tuple[fx.Node, Labels | None]]]] = field(default_factory=list)
     uses: list[tuple[fx.Node, ChannelUse]] = field(default_factory=list)
+    # per node: the group's channels are 0 there when new units get zero incoming weights
+    zero: dict[fx.Node, bool] = field(default_factory=dict)
     zero_preserving: bool = True
+    blocks: list[int] = field(default_factory=list)  # norm_block of every norm on the way
 
 
 class _Propagation:
@@ -212,16 +261,23 @@ class _Propagation:
         self.width = width
         self.ids = {node: k for k, node in enumerate(gm.graph.nodes)}
         self.out = _Pass()
+        self.zero = True  # the current node's zero flag (see _Pass.zero)
 
     def run(self) -> _Pass:
         for node in self.gm.graph.nodes:
+            first = node.args[0] if node.args else None
+            self.zero = self._z(first)
             self.out.labels[node] = self._node(node)
+            self.out.zero[node] = self.zero
         return self.out
 
     # -- helpers --------------------------------------------------------------------------
 
     def _get(self, arg: object) -> Labels | None:
         return self.out.labels.get(arg) if isinstance(arg, fx.Node) else None
+
+    def _z(self, arg: object) -> bool:
+        return self.out.zero.get(arg, True) if isinstance(arg, fx.Node) else True
 
     @staticmethod
     def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -252,6 +308,11 @@ class _Propagation:
                 f"reads channels on dim {want}"
             )
 
+    def _use(self, node: fx.Node, name: str, kind: str, x: Labels) -> None:
+        self.out.uses.append((node, ChannelUse(name, kind, x)))
+        if kind == "consumer":
+            self.out.zero_preserving &= self.zero
+
     # -- node kinds -----------------------------------------------------------------------
 
     def _node(self, node: fx.Node) -> Labels | None:
@@ -271,98 +332,184 @@ class _Propagation:
         m = self.modules[node.target]
         name = str(node.target)
         x = self._get(node.args[0]) if node.args else None
-        if isinstance(m, (nn.Linear, *CONV)):
-            ndim = self._ndim(node)
-            dim = ndim - 1 if isinstance(m, nn.Linear) else 1
-            if is_depthwise(m) and x is not None:
-                if x.has_group():
-                    self._check_dim(node, x, 1, "depthwise conv")
-                    self.out.uses.append((node, ChannelUse(name, "channelwise", x)))
-                return x
-            if x is not None and x.has_group():
-                if not is_dense(m):
-                    raise GraphError(
-                        f"the widened channels feed {name!r}, a grouped conv (groups={m.groups}): "
-                        f"widening into grouped convs other than depthwise is not supported"
-                    )
-                self._check_dim(node, x, dim, "layer")
-                self.out.uses.append((node, ChannelUse(name, "consumer", x)))
-            if name in self.group:
-                return Labels.fresh(GROUP, self.width or _out_channels(m), dim)
-            return Labels.fresh(self.ids[node], _out_channels(m), dim)
         if x is not None and isinstance(m, nn.Flatten):
             return self._flatten(node, x, m.start_dim, m.end_dim)
-        if x is None or not x.has_group():
-            return x if _passes_channels(m) else None
-        if isinstance(m, BATCHNORM):
-            self._check_dim(node, x, 1, "BatchNorm")
-            self.out.uses.append((node, ChannelUse(name, "channelwise", x)))
-            return x
-        if isinstance(m, nn.LayerNorm):
-            if len(m.normalized_shape) != 1 or x.dim != self._ndim(node) - 1:
-                raise GraphError(
-                    f"LayerNorm {name!r} normalises over {tuple(m.normalized_shape)}; widening "
-                    f"supports a LayerNorm over the widened (last) dim only"
-                )
-            self.out.uses.append((node, ChannelUse(name, "channelwise", x)))
-            self.out.zero_preserving = False
-            return x
-        if isinstance(m, PAct):
-            if m.channels is not None:
-                self._check_dim(node, x, m.channel_dim % self._ndim(node), "PAct")
-                self.out.uses.append((node, ChannelUse(name, "channelwise", x)))
-            phi_zero = _ELEMENTWISE_MODULES.get(type(m.phi), False)
-            self.out.zero_preserving &= phi_zero
-            return x
-        if type(m) in _ELEMENTWISE_MODULES:
-            self.out.zero_preserving &= _ELEMENTWISE_MODULES[type(m)]
-            return x
-        if isinstance(m, _POOL_MODULES):
-            return x
-        raise self._unsupported(node, f"module {name!r} ({type(m).__name__})")
+        h = _handlers().handler_for(m)
+        role = h.role(m) if h is not None else None
+        grouped = x is not None and x.has_group()
+        if h is None or (role != "dense" and not grouped):
+            if grouped:
+                raise self._unsupported(node, f"module {name!r} ({type(m).__name__}), which "
+                                              f"has no handler (see sm.register_handler)")
+            return x if role is not None else None
+        if role == "dense":
+            return self._dense(node, name, m, h, x)
+        dim = h.unit_dim(m, self._ndim(node))
+        if role == "channelwise":
+            why = h.refusal(m, "in")
+            if why is not None:
+                raise GraphError(f"{name!r}: {why}")
+            self._check_dim(node, x, dim, type(m).__name__)  # type: ignore[arg-type]
+            self._use(node, name, "channelwise", x)  # type: ignore[arg-type]
+            block = h.norm_block(m)
+            if block is not None:
+                self.out.blocks.append(block)
+        self.zero = self.zero and h.maps_zero(m)
+        return x
+
+    def _dense(self, node: fx.Node, name: str, m: nn.Module, h: object,
+               x: Labels | None) -> Labels:
+        ndim = self._ndim(node)
+        if x is not None and x.has_group():
+            why = h.refusal(m, "in")  # type: ignore[attr-defined]
+            if why is not None:
+                raise GraphError(f"the widened channels feed {name!r}, {why}")
+            if h.in_units(m) is None:  # type: ignore[attr-defined]
+                raise self._unsupported(node, f"{name!r} ({type(m).__name__}), which reads no "
+                                              f"units")
+            self._check_dim(node, x, h.unit_dim(m, len(self._shape(node.args[0]))),  # type: ignore
+                            "layer")
+            self._use(node, name, "consumer", x)
+        dim = h.unit_dim(m, ndim)  # type: ignore[attr-defined]
+        self.zero = True
+        if name in self.group:
+            return Labels.fresh(GROUP, self.width or h.out_units(m), dim)  # type: ignore
+        return Labels.fresh(self.ids[node], h.out_units(m), dim)  # type: ignore
 
     def _function(self, node: fx.Node) -> Labels | None:
         target = node.target
         first = node.args[0] if node.args else None
         x = self._get(first)
-        if target in _ADDS or (node.op == "call_method" and target in ("add", "sub", "add_",
-                                                                       "sub_")):
+        method = node.op == "call_method"
+        if target in _ADDS or (method and target in ("add", "sub", "add_", "sub_")):
             return self._add(node)
+        if target in _PRODUCTS or (method and target in ("mul", "mul_")):
+            return self._product(node)
         if target in _CATS:
             return self._cat(node)
-        if target is getattr or (node.op == "call_method" and target in _ACCESSORS):
+        if target is getattr or (method and target in _ACCESSORS):
             return None  # x.shape, x.size(0), ...: no tensor
+        if target in _NORM_FUNCTIONS:
+            return self._norm_function(node, x)
+        if target in ("permute", "transpose") or target in (torch.permute, torch.transpose):
+            return self._permute(node, x)
         group = self._group_inputs(node)
         if not group:
             # Outside the group only the channel labels of plain pass-through ops matter.
-            if x is not None and (target in _ELEMENTWISE_FUNCTIONS or target in _SCALINGS
-                                  or target in _ELEMENTWISE_METHODS):
+            if x is not None and (target in _ELEMENTWISE_FUNCTIONS or target in _QUOTIENTS
+                                  or target in _ELEMENTWISE_METHODS or target in _POWERS
+                                  or (method and target in ("div", "pow"))):
                 return x
             return self._reshape_or_none(node, x)
         if node.op == "call_function" and target in _ELEMENTWISE_FUNCTIONS:
-            self.out.zero_preserving &= _ELEMENTWISE_FUNCTIONS[target]
+            self.zero = self.zero and _ELEMENTWISE_FUNCTIONS[target]
             return x
-        if node.op == "call_method" and target in _ELEMENTWISE_METHODS:
-            self.out.zero_preserving &= _ELEMENTWISE_METHODS[target]
+        if method and target in _ELEMENTWISE_METHODS:
+            self.zero = self.zero and _ELEMENTWISE_METHODS[target]
             return x
-        if target in _SCALINGS or (node.op == "call_method" and target in ("mul", "div")):
-            if isinstance(first, fx.Node) and all(isinstance(a, int | float)
-                                                  for a in node.args[1:]):
+        if target in _POWERS or (method and target == "pow"):
+            exponent = node.args[1] if len(node.args) > 1 else None
+            if x is not None and isinstance(exponent, int | float):
+                self.zero = self.zero and exponent > 0
                 return x
-            if (len(node.args) == 2 and isinstance(node.args[1], fx.Node)
-                    and isinstance(first, int | float) and target in (operator.mul, torch.mul)):
-                return self._get(node.args[1])
-            raise self._unsupported(node, "a product or quotient of tensors")
-        if target is torch.flatten or (node.op == "call_method" and target == "flatten"):
+            raise self._unsupported(node, "a power with a tensor exponent")
+        if target in _QUOTIENTS or (method and target == "div"):
+            if x is not None and not self._group_operand(node.args[1:]):
+                return self._broadcast(node, x, node.args[1:])
+            raise self._unsupported(node, "a division by the widened channels")
+        if target is torch.flatten or (method and target == "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self._flatten(node, x, start, end)
-        if node.op == "call_method" and target in ("view", "reshape"):
+        if (method and target in _VIEWS) or target in (torch.reshape, torch.squeeze,
+                                                        torch.unsqueeze):
             return self._view(node, x)
-        if (node.op == "call_method" and target in _REDUCTIONS) or target in (torch.mean,
-                                                                              torch.sum):
+        if (method and target in _REDUCTIONS) or target in (torch.mean, torch.sum):
             return self._reduce(node, x)
         raise self._unsupported(node, f"{node.op} {getattr(target, '__name__', target)!r}")
+
+    def _group_operand(self, args: Sequence[object]) -> bool:
+        return any((lab := self._get(a)) is not None and lab.has_group() for a in args)
+
+    def _broadcast(self, node: fx.Node, x: Labels, others: Sequence[object]) -> Labels:
+        """``x`` times or over tensors that carry no channels: each must be constant along
+        ``x``'s channel dim (a scalar, a per-sample factor, a mask of size 1 there)."""
+        ndim = self._ndim(node)
+        for other in others:
+            shape = self._shape(other) if isinstance(other, fx.Node) else None
+            if shape is None:
+                continue
+            k = x.dim - (ndim - len(shape))
+            if 0 <= k < len(shape) and shape[k] != 1:
+                raise self._unsupported(node, f"a product or quotient with {other.name!r} "
+                                              f"(shape {shape}), which comes from no layer "
+                                              f"whose units widening can grow")
+        return x
+
+    def _product(self, node: fx.Node) -> Labels | None:
+        """A product ties its operands like an add (a gate's units grow with the gated ones:
+        squeeze-excite, SwiGLU); a factor without channels must broadcast over them."""
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)
+                    and self._shape(a) is not None]
+        labelled = [(a, self._get(a)) for a in operands if self._get(a) is not None]
+        bare = [a for a in operands if self._get(a) is None]
+        if not any(lab.has_group() for _, lab in labelled):  # type: ignore[union-attr]
+            return labelled[0][1] if labelled else None
+        self.zero = any(self._z(a) for a, lab in labelled
+                        if lab.has_group())  # type: ignore[union-attr]
+        if len(labelled) == 2:
+            (_, la), (_, lb) = labelled
+            if not la.same_as(lb):  # type: ignore[union-attr]
+                self.out.ties.append((node, labelled))
+        out = next(lab for _, lab in labelled if lab.has_group())  # type: ignore[union-attr]
+        return self._broadcast(node, out, bare)  # type: ignore[arg-type]
+
+    def _norm_function(self, node: fx.Node, x: Labels | None) -> Labels | None:
+        """``F.batch_norm`` / ``F.layer_norm`` / ``F.group_norm`` / ``F.rms_norm`` called
+        inside a traced forward (a BatchNorm subclass with a fused activation, a
+        channels-first LayerNorm): the module owning its weight is grown by its handler."""
+        if x is None or not x.has_group():
+            return x
+        positions, dim = _NORM_FUNCTIONS[node.target]
+        owner = None
+        for k in positions:
+            arg = node.args[k] if len(node.args) > k else None
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                owner = str(arg.target).rpartition(".")[0]
+                break
+        name = getattr(node.target, "__name__", str(node.target))
+        if owner is None:
+            raise self._unsupported(node, f"{name} without a module's parameters or statistics")
+        m = self.modules.get(owner)
+        h = _handlers().handler_for(m) if m is not None else None
+        if h is None or h.role(m) != "channelwise":
+            raise self._unsupported(node, f"{name} with the parameters of {owner!r}, which has no "
+                                          f"channel-wise handler")
+        why = h.refusal(m, "in")
+        if why is not None:
+            raise GraphError(f"{owner!r}: {why}")
+        self._check_dim(node, x, dim % self._ndim(node), name)
+        self._use(node, owner, "channelwise", x)
+        block = h.norm_block(m)
+        if block is not None:
+            self.out.blocks.append(block)
+        self.zero = self.zero and h.maps_zero(m)
+        return x
+
+    def _permute(self, node: fx.Node, x: Labels | None) -> Labels | None:
+        if x is None:
+            return None
+        ndim = self._ndim(node)
+        args = [a for a in node.args[1:]]
+        if node.target in ("transpose", torch.transpose):
+            d0, d1 = (int(a) % ndim for a in args[:2])
+            perm = list(range(ndim))
+            perm[d0], perm[d1] = d1, d0
+        else:
+            dims = args[0] if len(args) == 1 and isinstance(args[0], list | tuple) else args
+            dims = dims or node.kwargs.get("dims", ())
+            perm = [int(d) % ndim for d in dims]
+        return Labels(perm.index(x.dim), x.owner, x.unit, x.sub)
 
     def _reshape_or_none(self, node: fx.Node, x: Labels | None) -> Labels | None:
         if x is None:
@@ -372,7 +519,8 @@ class _Propagation:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self._flatten(node, x, start, end)
-        if node.op == "call_method" and target in ("view", "reshape"):
+        if (node.op == "call_method" and target in _VIEWS) or target in (
+                torch.reshape, torch.squeeze, torch.unsqueeze):
             try:
                 return self._view(node, x)
             except GraphError:
@@ -385,7 +533,10 @@ class _Propagation:
             and self._shape(a) is not None
         ]
         if len(operands) < 2:  # tensor + scalar
+            scalar = [a for a in node.args[:2] if not isinstance(a, fx.Node)]
+            self.zero = bool(operands) and self._z(operands[0][0]) and scalar == [0]
             return operands[0][1] if operands else None
+        self.zero = all(self._z(a) for a, _ in operands)
         self.out.ties.append((node, operands))
         # The result carries the group's labels where an operand does.
         labelled = [lab for _, lab in operands if lab is not None]
@@ -442,14 +593,23 @@ class _Propagation:
         return Labels(start, x.owner[chan], x.unit[chan], x.sub[chan] * others + rest)
 
     def _view(self, node: fx.Node, x: Labels | None) -> Labels | None:
+        """``view``/``reshape``/``squeeze``/``unsqueeze`` that flatten ``(N, C, ...)`` to
+        ``(N, -1)`` or only add or drop dims of size 1."""
         in_shape = self._shape(node.args[0])  # type: ignore[arg-type]
         out_shape = self._shape(node)
         if x is None:
             return None
-        if in_shape is not None and out_shape is not None and len(out_shape) == 2 and \
-                out_shape[0] == in_shape[0] and out_shape[1] == math.prod(in_shape[1:]):
-            return self._flatten(node, x, 1, -1)
-        raise self._unsupported(node, f"a reshape {in_shape} -> {out_shape} (only (N, -1) is)")
+        if in_shape is not None and out_shape is not None:
+            if len(out_shape) == 2 and out_shape[0] == in_shape[0] and \
+                    out_shape[1] == math.prod(in_shape[1:]) and len(in_shape) > 2:
+                return self._flatten(node, x, 1, -1)
+            keep_in = [k for k, n in enumerate(in_shape) if n != 1]
+            keep_out = [k for k, n in enumerate(out_shape) if n != 1]
+            if [in_shape[k] for k in keep_in] == [out_shape[k] for k in keep_out] and \
+                    x.dim in keep_in:
+                return Labels(keep_out[keep_in.index(x.dim)], x.owner, x.unit, x.sub)
+        raise self._unsupported(node, f"a reshape {in_shape} -> {out_shape} (only (N, -1) and "
+                                      f"adding or dropping dims of size 1 are)")
 
     def _reduce(self, node: fx.Node, x: Labels | None) -> Labels | None:
         if x is None:
@@ -466,15 +626,6 @@ class _Propagation:
                                      x.sub)
 
 
-def _out_channels(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
-def _passes_channels(m: nn.Module) -> bool:
-    return (type(m) in _ELEMENTWISE_MODULES or isinstance(m, (*BATCHNORM, PAct, nn.LayerNorm))
-            or isinstance(m, _POOL_MODULES))
-
-
 # ----------------------------------------------------------------------------------------------
 # the channel group
 
@@ -483,11 +634,13 @@ def _passes_channels(m: nn.Module) -> bool:
 class ChannelGroup:
     """Every module tied to the output channels of ``target`` (see module docstring).
 
-    ``producers``: the dense Conv/Linear layers whose outputs are added together with the
-    target's (the target first), all with ``channels`` outputs; ``uses``: the modules that
-    read the group's channels; ``zero_preserving``: every op on the way maps 0 to 0 (so a
-    new unit with zero inputs stays zero everywhere); ``normalised``: a LayerNorm normalises
-    over the group's channels (then only whole-layer replication preserves the function).
+    ``producers``: the dense layers whose outputs are added to, or multiplied with, the
+    target's (the target first; a gate grows with what it gates), all with ``channels``
+    outputs; ``uses``: the modules that read the group's channels; ``zero_preserving``: a new
+    unit with zero incoming weights stays 0 up to every consumer; ``block``: ``None`` when
+    each channel is normalised alone (or not at all), ``0`` when a norm (LayerNorm, RMSNorm)
+    sees all of them (every unit must be replicated equally), else the size of the groups
+    new units must come in (GroupNorm).
     """
 
     target: str
@@ -495,8 +648,13 @@ class ChannelGroup:
     channels: int
     uses: list[ChannelUse]
     zero_preserving: bool
-    normalised: bool
+    block: int | None
     graph: fx.GraphModule
+
+    @property
+    def normalised(self) -> bool:
+        """A norm over all the group's channels: only replication keeps the function."""
+        return self.block == 0
 
     def remaps(self, width: int) -> dict[str, Remap]:
         """For each module in ``uses``: where each of its child input channels comes from when
@@ -531,11 +689,13 @@ def _remap(parent: Labels, child: Labels, channels: int) -> Remap:
 
 
 def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> ChannelGroup:
-    """The channel group of the Conv/Linear layer ``target`` (see module docstring).
+    """The channel group of the dense layer ``target`` (see module docstring).
 
     Args:
         model: the model (not modified).
-        target: dotted name of a dense ``nn.Conv1d/2d/3d`` or ``nn.Linear``.
+        target: dotted name of a layer whose handler has the ``"dense"`` role
+            (``nn.Linear``, ``nn.Conv1d/2d/3d`` with ``groups=1``, ``nn.Embedding``, HF
+            ``Conv1D``, a registered layer).
         inputs: a probe batch, used once to record every intermediate shape (BatchNorm
             statistics are left as they were).
 
@@ -550,8 +710,8 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
             f"that produces its input instead"
         )
     if not is_dense(m):
-        raise GraphError(f"{target!r} is {module_kind(m)}; widen a dense Conv1d/2d/3d or "
-                         f"Linear layer")
+        raise GraphError(f"{target!r} is {module_kind(m)}; widen a dense Conv1d/2d/3d, "
+                         f"Linear, Embedding or a layer registered with sm.register_handler")
     gm = trace(model)
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
     if not calls:
@@ -578,16 +738,39 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
                if n.op == "call_module" and n.target in group]
     ordered = [target] + [p for p in dict.fromkeys(ordered) if p != target]
     modules = dict(gm.named_modules())
-    widths = {p: _out_channels(modules[p]) for p in ordered}
+    widths = {p: _handlers().handler_for(modules[p]).out_units(modules[p]) for p in ordered}
     if len(set(widths.values())) != 1:
         raise GraphError(f"producers of one channel group differ in width: {widths}")
-    normalised = any(isinstance(modules[u.module], nn.LayerNorm) for _, u in result.uses)
-    return ChannelGroup(target, ordered, widths[target], [u for _, u in result.uses],
-                        result.zero_preserving, normalised, gm)
+    uses = [u for _, u in result.uses]
+    _check_tied(model, [*ordered, *(u.module for u in uses)])
+    block = 0 if 0 in result.blocks else (math.lcm(*result.blocks) if result.blocks else None)
+    return ChannelGroup(target, ordered, widths[target], uses, result.zero_preserving, block,
+                        gm)
+
+
+def _check_tied(model: nn.Module, grown: list[str]) -> None:
+    """Refuse to grow a parameter that is shared (tied) with another place: growing one
+    side would silently untie them, and the two sides grow on different dims."""
+    places: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        places.setdefault(id(p), []).append(name)
+    grown_set = set(grown)
+    for names in places.values():
+        if len(names) < 2:
+            continue
+        mine = [n for n in names if n.rpartition(".")[0] in grown_set]
+        if mine:
+            raise GraphError(
+                f"{' and '.join(repr(n) for n in names)} are one tied parameter; widening would "
+                f"grow {mine[0]!r} and untie them. Untie them first (e.g. clone one of them "
+                f"into its own nn.Parameter), or grow the model with a growth that keeps ties "
+                f"(sm.grow for Hugging Face models)"
+            )
 
 
 def _joins(gm: fx.GraphModule, result: _Pass, group: set[str]) -> set[str]:
-    """Producers that an add ties to the group's channels and that are not in it yet.
+    """Producers that an add or product ties to the group's channels and that are not in it
+    yet.
 
     Operands of an add must agree position by position; where one carries a group unit and
     the other a channel of another producer, that producer joins the group (the next
@@ -601,7 +784,7 @@ def _joins(gm: fx.GraphModule, result: _Pass, group: set[str]) -> set[str]:
         for arg, lab in operands:
             if lab is None:
                 raise GraphError(
-                    f"{node.name!r} adds the widened channels to {arg.name!r}, which comes from "
+                    f"{node.name!r} ties the widened channels to {arg.name!r}, which comes from "
                     f"no Conv/Linear layer (e.g. the model input) and cannot be widened"
                 )
         (_, ref), *rest = operands
@@ -611,7 +794,7 @@ def _joins(gm: fx.GraphModule, result: _Pass, group: set[str]) -> set[str]:
                 ((lab.unit == ref.unit) & (lab.sub == ref.sub)).all()
             ):
                 raise GraphError(
-                    f"{node.name!r} adds the widened channels to {arg.name!r} in a different "
+                    f"{node.name!r} ties the widened channels to {arg.name!r} in a different "
                     f"channel layout; widening cannot follow this tie"
                 )
             mixed = ref.in_group != lab.in_group
@@ -644,13 +827,13 @@ def _check_single_calls(gm: fx.GraphModule, result: _Pass, group: set[str]) -> N
 
 def module_kind(m: nn.Module) -> str:
     """A short description for error messages: the class, with groups for grouped convs."""
-    if isinstance(m, CONV) and m.groups > 1:
+    if isinstance(m, CONV) and m.groups > 1:  # type: ignore[operator]
         return f"{type(m).__name__}(groups={m.groups})"
     return type(m).__name__
 
 
 __all__: list[str] = [
     "GROUP", "ChannelGroup", "ChannelUse", "GraphError", "Labels", "MorphTracer", "Remap",
-    "channel_group", "find_module", "is_dense", "is_depthwise", "module_kind", "set_module",
-    "trace",
+    "channel_group", "find_module", "is_dense", "is_depthwise", "module_kind", "role_of",
+    "set_module", "trace",
 ]
