@@ -60,11 +60,13 @@ _REDUCTIONS = {"mean", "sum", "amax", "amin"}
 _CATS = {torch.cat, torch.concat}
 _ACCESSORS = {"size", "dim", "numel"}
 _VIEWS = {"view", "reshape", "squeeze", "unsqueeze"}
-# functional norms: (function, the argument holding the weight or statistics, the dim their
-# channels must be on: 1 (channels-first) or -1 (last))
-_NORM_FUNCTIONS: dict[object, tuple[tuple[int, ...], int]] = {
-    F.batch_norm: ((3, 1, 4, 2), 1), F.layer_norm: ((2, 3), -1), F.group_norm: ((2, 3), 1),
-    F.rms_norm: ((2,), -1),
+# functional norms: the (position, name) of the arguments that may hold a module's weight or
+# statistics, and the dim their channels must be on (1: channels-first, -1: last)
+_NORM_FUNCTIONS: dict[object, tuple[tuple[tuple[int, str], ...], int]] = {
+    F.batch_norm: (((3, "weight"), (1, "running_mean"), (4, "bias"), (2, "running_var")), 1),
+    F.layer_norm: (((2, "weight"), (3, "bias")), -1),
+    F.group_norm: (((2, "weight"), (3, "bias")), 1),
+    F.rms_norm: (((2, "weight"),), -1),
 }
 
 
@@ -254,9 +256,12 @@ class _Pass:
 class _Propagation:
     """One run of the labels through the graph, for a given group and width."""
 
-    def __init__(self, gm: fx.GraphModule, group: set[str], width: int | None) -> None:
+    def __init__(self, gm: fx.GraphModule, root: nn.Module, group: set[str],
+                 width: int | None) -> None:
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        # the model's own modules: the GraphModule holds only those it calls (a module whose
+        # parameters a traced forward reads with get_attr is an empty stand-in there)
+        self.modules = dict(root.named_modules())
         self.group = group
         self.width = width
         self.ids = {node: k for k, node in enumerate(gm.graph.nodes)}
@@ -472,8 +477,8 @@ class _Propagation:
             return x
         positions, dim = _NORM_FUNCTIONS[node.target]
         owner = None
-        for k in positions:
-            arg = node.args[k] if len(node.args) > k else None
+        for k, key in positions:
+            arg = node.args[k] if len(node.args) > k else node.kwargs.get(key)
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
                 owner = str(arg.target).rpartition(".")[0]
                 break
@@ -650,6 +655,7 @@ class ChannelGroup:
     zero_preserving: bool
     block: int | None
     graph: fx.GraphModule
+    root: nn.Module
 
     @property
     def normalised(self) -> bool:
@@ -659,7 +665,7 @@ class ChannelGroup:
     def remaps(self, width: int) -> dict[str, Remap]:
         """For each module in ``uses``: where each of its child input channels comes from when
         the group is widened to ``width``."""
-        child = _Propagation(self.graph, set(self.producers), width).run()
+        child = _Propagation(self.graph, self.root, set(self.producers), width).run()
         child_labels = {use.module: use.labels for _, use in child.uses}
         out = {}
         for use in self.uses:
@@ -723,7 +729,7 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
         raise GraphError(f"running the traced model on the probe failed: {err}") from err
     group = {target}
     while True:
-        result = _Propagation(gm, group, None).run()
+        result = _Propagation(gm, model, group, None).run()
         joins = _joins(gm, result, group)
         if not joins:
             break
@@ -745,7 +751,7 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
     _check_tied(model, [*ordered, *(u.module for u in uses)])
     block = 0 if 0 in result.blocks else (math.lcm(*result.blocks) if result.blocks else None)
     return ChannelGroup(target, ordered, widths[target], uses, result.zero_preserving, block,
-                        gm)
+                        gm, model)
 
 
 def _check_tied(model: nn.Module, grown: list[str]) -> None:
