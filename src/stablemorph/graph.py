@@ -673,6 +673,41 @@ class ChannelGroup:
         return out
 
 
+class _LeafTracer(MorphTracer):
+    """:class:`MorphTracer` that also keeps the module ``leaf`` as one node."""
+
+    def __init__(self, leaf: str) -> None:
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == self.leaf or super().is_leaf_module(
+            m, module_qualified_name)
+
+
+def input_unit_dim(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> int | None:
+    """The dim holding the units (features, channels) of the first input that module
+    ``target`` receives, as the nearest layer upstream lays them out (``-1``-style dims are
+    returned non-negative); ``None`` when the model cannot be traced or no layer with a
+    handler produces that input.
+
+    A ``(batch, tokens, features)`` tensor after a Linear has its units on dim 2; a
+    ``(batch, channels, length)`` tensor after a Conv1d on dim 1.
+    """
+    try:
+        gm = fx.GraphModule(model, _LeafTracer(target).trace(model))
+        with preserved_state(gm), torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+        result = _Propagation(gm, model, set(), None).run()
+    except Exception:  # untraceable or unanalysable: the caller falls back
+        return None
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == target and node.args:
+            labels = result.labels.get(node.args[0])  # type: ignore[arg-type]
+            return labels.dim if labels is not None else None
+    return None
+
+
 def _keys(labels: Labels, n_sub: int) -> list[int]:
     return (labels.owner * (1 << 40) + labels.unit * n_sub + labels.sub).tolist()
 
@@ -840,6 +875,7 @@ def module_kind(m: nn.Module) -> str:
 
 __all__: list[str] = [
     "GROUP", "ChannelGroup", "ChannelUse", "GraphError", "Labels", "MorphTracer", "Remap",
-    "channel_group", "find_module", "is_dense", "is_depthwise", "module_kind", "role_of",
+    "channel_group", "find_module", "input_unit_dim", "is_dense", "is_depthwise",
+    "module_kind", "role_of",
     "set_module", "trace",
 ]
