@@ -257,3 +257,28 @@ def test_a_module_without_handler_is_named() -> None:
     with pytest.raises(MorphError, match=r"'attn' \(MultiheadAttention\), which has no handler "
                                          r"\(see sm.register_handler\)"):
         widen(Unhandled(), "fc", 10, inputs=torch.randn(2, 3, 8))
+
+
+def test_readme_register_handler_examples_run_as_written() -> None:
+    """The README's worked examples (fused-qkv attention; handlers driven by hand) run."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Teaching widen a new layer", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    scope: dict[str, object] = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)  # our own README
+    model, wider, x = scope["model"], scope["wider"], scope["x"]
+    assert_same_function(model, wider, x)  # type: ignore[arg-type]
+    assert last_report(wider).zero_fraction == 0.0  # type: ignore[arg-type]
+    exec(compile(blocks[1], "README.md", "exec"), scope)
+    fc, proj = scope["fc"], scope["proj"]
+    h = torch.randn(5, 8)
+    w = proj.weight  # type: ignore[union-attr]
+    assert w.shape == (8, 24)
+    # the pairs' outgoing columns cancel: the grown MLP computes what the 16-unit one did
+    hidden = fc(h)  # type: ignore[operator]
+    torch.testing.assert_close(hidden[:, 16:24:2], hidden[:, 17:24:2])
+    torch.testing.assert_close(w[:, 16::2], -w[:, 17::2])

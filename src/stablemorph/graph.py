@@ -236,6 +236,15 @@ class Remap:
     sub: Tensor
     table: Tensor
 
+    @staticmethod
+    def appended(channels: int, new: int) -> Remap:
+        """The layout of a layer reading the group directly: the ``channels`` old units in
+        order, then the ``new`` ones (for driving handlers without the graph analysis)."""
+        width = channels + new
+        parent = torch.cat([torch.arange(channels), torch.full((new,), -1)])
+        return Remap(parent, torch.arange(width), torch.zeros(width, dtype=torch.long),
+                     torch.arange(channels).unsqueeze(1))
+
     def source_position(self, units: Tensor) -> Tensor:
         """Parent positions holding old group units ``units`` (one per child position) at
         each child position's sub-position."""
