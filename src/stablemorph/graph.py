@@ -3,16 +3,32 @@ every module tied to a layer's output channels (its channel group) for widening.
 
 The model itself is never rewritten here; morphs edit a deep copy module by module.
 
+**Modules are asked, functions are handled here.** What a module does with units is its
+handler's business (:mod:`stablemorph.handlers`: dense layers produce and read units,
+channel-wise layers hold one slice per channel, element-wise layers pass them through); a
+module with a handler is one node of the traced graph. Functions in a traced forward are
+handled below: element-wise functions, adds, products, concatenations, flatten, views,
+permutes, reductions over other dims, and the functional norms (``F.batch_norm``,
+``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``) whose parameters belong to a module with
+a channel-wise handler (a BatchNorm subclass with a fused activation, ConvNeXt's
+channels-first LayerNorm).
+
 **Channel labels.** Widening a layer adds output channels, and every module that reads those
-channels, directly or through BatchNorm, activations, pooling, flatten, residual adds and
-concatenations, has to grow with it. We find them by running the traced graph on *labels*
-instead of numbers: each output channel of a Conv/Linear node is labelled ``(owner, unit,
-sub)`` (the producing node, its channel index, and the position inside a channel after a
-flatten), element-wise ops pass labels through, ``cat`` concatenates them, ``flatten`` expands
-them. An ``add`` ties its operands channel by channel: a producer whose channels are added to
-the group's joins the group, and the propagation is repeated until the group is closed. The
-same propagation with the group's new width gives the child's channel layout at every module,
-hence for every child channel the parent channel it comes from, or the new unit it carries.
+channels, directly or through norms, activations, pooling, flatten, permutes, residual adds,
+gate products and concatenations, has to grow with it. We find them by running the traced
+graph on *labels* instead of numbers: each output channel of a dense layer's node is labelled
+``(owner, unit, sub)`` (the producing node, its channel index, and the position inside a
+channel after a flatten), element-wise ops pass labels through, ``cat`` concatenates them,
+``flatten`` expands them, ``permute`` moves them. An ``add`` or a product ties its operands
+channel by channel: a producer whose channels are added to (or gate) the group's joins the
+group, and the propagation is repeated until the group is closed. The same propagation with
+the group's new width gives the child's channel layout at every module, hence for every
+child channel the parent channel it comes from, or the new unit it carries.
+
+**Zeros.** Each node also carries whether the group's channels are 0 there when new units get
+zero incoming weights (NetMorph's cheaper side): true after the producers, kept by
+element-wise functions with ``f(0) = 0``, by products with one zero factor, lost by sigmoid
+or by adding a non-zero constant; ``zero_preserving`` holds when every consumer sees 0.
 """
 
 from __future__ import annotations
@@ -212,9 +228,10 @@ class Labels:
 
 @dataclass
 class ChannelUse:
-    """One module that reads the group's channels: ``kind`` is ``"consumer"`` (a dense Conv
-    or Linear reading them as inputs) or ``"channelwise"`` (BatchNorm, LayerNorm, per-channel
-    PAct, depthwise conv: one parameter slice per channel). ``labels`` describe its input."""
+    """One module that reads the group's channels: ``kind`` is ``"consumer"`` (a dense layer
+    reading them as inputs: its handler's ``grow_in``) or ``"channelwise"`` (norms,
+    per-channel PAct, depthwise conv: one parameter slice per channel, its handler's
+    ``grow_channels``). ``labels`` describe its input."""
 
     module: str
     kind: str

@@ -1,30 +1,34 @@
-"""``widen``: give a Conv/Linear layer more output units, and grow every module tied to them.
+"""``widen``: give a layer more output units, and grow every module tied to them.
 
 The channel group (:func:`stablemorph.graph.channel_group`) lists the layers whose outputs are
-added to the target's (a ResNet stage's convs and projections), the channel-wise modules on
-the way (BatchNorm, LayerNorm, per-channel PAct, depthwise convs) and the consumers (the
-next dense Conv/Linear layers, through pooling, flatten and concatenation). A :class:`WidenPlan`
-says, per new unit, what its incoming weights, channel-wise parameters and outgoing weights
-are; the schemes (DESIGN.md section 2) differ only in the plan:
+added to the target's (a ResNet stage's convs and projections) or multiply them (a
+squeeze-excite gate, SwiGLU's ``up`` beside its ``gate``), the channel-wise modules on the way
+(norms, per-channel PAct, depthwise convs) and the consumers (the next dense layers, through
+pooling, flatten, permutes and concatenation). Each module grows through its handler
+(:mod:`stablemorph.handlers`); what the new units are is one :class:`WidenPlan`, chosen by the
+scheme (:mod:`stablemorph.schemes`, DESIGN.md section 2) and executed by the handlers:
 
-- ``"net2net"``: each new unit copies a random existing unit (weights, bias, BatchNorm
-  affine parameters and running statistics); every outgoing column of a unit with ``c``
-  copies is divided by ``c``.
-- ``"netmorph"``: new units get zeros on the side with fewer parameters and random values
-  on the other. Zero *incoming* weights keep the function only if every op on the way maps
-  0 to 0 (not sigmoid, not LayerNorm); otherwise the outgoing side is zeroed.
+- ``"net2net"`` (variant ``"random"``): each new unit copies a random existing unit (weights,
+  bias, norm affine parameters and running statistics); every outgoing column of a unit with
+  ``c`` copies is divided by ``c``.
+- ``"netmorph"`` (variant ``"auto"``): new units get zeros on the side with fewer parameters
+  and random values on the other. Zero *incoming* weights keep the function only if the new
+  channels stay 0 up to every consumer (not through sigmoid, not through a norm over the
+  channels); otherwise the outgoing side is zeroed.
 - ``"stable"`` (dense, exact): variant ``"pairs"`` (default) adds units two by two with the
   same random incoming weights ``V`` and opposite random outgoing weights ``Z`` and ``-Z``
   (their contributions cancel exactly, their gradients differ in sign); with an odd count
   the last new unit is an unequal split copy (outgoing shares ``1 - a`` and ``a``). Variant
   ``"split"`` makes every new unit a copy with random unequal outgoing shares (LEMON-style).
-  Fresh units borrow the BatchNorm/PAct parameters and statistics of a random existing
-  channel, so nothing new is zero (unless the parent's copied values are).
+  Fresh units borrow the norm/PAct parameters and statistics of a random existing channel,
+  so nothing new is zero (unless the parent's copied values are).
 
-A LayerNorm over the widened channels changes with any extra channel unless every unit is
-replicated the same number of times (mean and variance are then unchanged): there the width
-must be a multiple of the current one and all schemes replicate, differing in the outgoing
-shares (net2net equal, netmorph ``1`` and ``0``, stable random).
+A LayerNorm or RMSNorm over the widened channels changes with any extra channel unless every
+unit is replicated the same number of times (mean and variance are then unchanged): there
+the width must be a multiple of the current one and all schemes replicate, differing in the
+outgoing shares (net2net equal, netmorph ``1`` and ``0``, stable random). A GroupNorm's groups
+are independent: new channels come as whole new groups (copies of old groups, or pairs inside
+a group when its size is even), the width being the current one plus whole groups.
 """
 
 from __future__ import annotations
