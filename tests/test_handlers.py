@@ -282,3 +282,34 @@ def test_readme_register_handler_examples_run_as_written() -> None:
     hidden = fc(h)  # type: ignore[operator]
     torch.testing.assert_close(hidden[:, 16:24:2], hidden[:, 17:24:2])
     torch.testing.assert_close(w[:, 16::2], -w[:, 17::2])
+
+
+@pytest.mark.parametrize(("scheme", "variant"), [("stable", "pairs"), ("stable", "split"),
+                                                 ("net2net", "random"), ("netmorph", "auto")])
+def test_handlers_driven_by_hand_grow_attention_heads(scheme: str, variant: str) -> None:
+    """The recipe in stablemorph.handlers' docstring: whole heads via ``block=head_dim``."""
+    import copy
+
+    from stablemorph.graph import Remap
+    from stablemorph.morphs.widen import plan_widen
+    from stablemorph.transformer.model import CausalSelfAttention
+
+    torch.manual_seed(0)
+    att = CausalSelfAttention(16, 2, 4)
+    child = copy.deepcopy(att)
+    x = torch.randn(2, 5, 16)
+    gen, origins = torch.Generator().manual_seed(0), {}
+    plan = plan_widen(scheme, variant, 8, 16, normalised=False, zero_in=False, gen=gen,
+                      block=4)
+    for name in ("q", "k", "v"):
+        m = getattr(child, name)
+        handler_for(m).grow_out(name, m, plan, gen, origins)
+    handler_for(child.proj).grow_in("proj", child.proj, Remap.appended(8, 8), plan, gen,
+                                    origins)
+    child.n_head = 4
+    with torch.no_grad():
+        torch.testing.assert_close(child(x), att(x), rtol=0, atol=1e-6)
+    assert set(origins) == {"q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias",
+                            "proj.weight"}
+    if scheme == "stable":
+        assert all(bool((p != 0).all()) for p in child.parameters())

@@ -84,3 +84,19 @@ def test_untraceable_inner_module_is_named() -> None:
     with pytest.raises(MorphError, match=r"it failed in 'inner' \(Looping\): its forward "
                                          r"iterates over or unpacks a traced tensor"):
         widen(Wrapper(), "fc", 6, inputs=torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_llama_rmsnorm_replicates_every_unit(scheme: str) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), LlamaRMSNorm(6), torch.nn.Linear(6, 4))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 8)
+    child = widen(model, "0", 12, scheme=scheme, inputs=x)
+    assert child[1].weight.shape == (12,)
+    assert_same_function(model, child, x)
+    with pytest.raises(MorphError, match="width must be a multiple of 6, got 9"):
+        widen(model, "0", 9, scheme=scheme, inputs=x)
