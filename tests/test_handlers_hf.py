@@ -54,15 +54,40 @@ def test_gpt2_conv1d_mlp(scheme: str) -> None:
         assert all(bool((t != 0).all()) for t in new)
 
 
+def test_hf_models_widen_where_fx_traces_the_units_path() -> None:
+    """HF forwards take **kwargs through decorators (fx: "co_varnames is too small"): traced
+    through their explicit parameters; attentions fx cannot trace stay whole."""
+    torch.manual_seed(0)
+    kw = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+          "attention_probs_dropout_prob": 0.0}
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=100, **kw)).eval()
+    tokens = torch.randint(0, 100, (2, 5))
+    child = widen(bert, "encoder.layer.0.intermediate.dense", 80, inputs=tokens)
+    assert child.encoder.layer[0].output.dense.in_features == 80
+    torch.testing.assert_close(child(tokens).last_hidden_state,
+                               bert(tokens).last_hidden_state, rtol=0, atol=1e-5)
+    vit = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=8, **kw))
+    x = torch.randn(2, 5, 32)
+    layer = vit.eval().layers[0]
+    assert_same_function(layer, widen(layer, "mlp.fc1", 80, inputs=x), x)
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0))
+    block = gpt2.eval().h[0]
+    assert_same_function(block, widen(block, "mlp.c_fc", 160, inputs=x), x)
+
+
 def test_untraceable_hf_model_names_the_layer_and_the_real_cause() -> None:
     model = _llama()
     tokens = torch.randint(0, 100, (2, 5))
     with pytest.raises(MorphError) as err:
         widen(model, "model.layers.0.mlp.gate_proj", 96, inputs=tokens)
     text = str(err.value)
-    assert "torch.fx cannot trace LlamaForCausalLM" in text
-    assert "takes **kwargs" in text and "co_varnames is too small" in text
-    assert "sm.grow" in text and "control flow" not in text
+    assert "'model.layers.0.mlp.gate_proj' cannot be analysed; torch.fx cannot trace " \
+           "'model'" in text
+    assert "symbolically traced variables cannot be used as inputs to control flow" in text
+    assert "sm.grow" in text and "co_varnames" not in text
 
 
 class Looping(torch.nn.Module):
@@ -81,7 +106,8 @@ class Wrapper(torch.nn.Module):
 
 
 def test_untraceable_inner_module_is_named() -> None:
-    with pytest.raises(MorphError, match=r"it failed in 'inner' \(Looping\): its forward "
+    with pytest.raises(MorphError, match=r"'inner' \(Looping\), which has no handler .*; "
+                                         r"torch\.fx cannot trace 'inner': its forward "
                                          r"iterates over or unpacks a traced tensor"):
         widen(Wrapper(), "fc", 6, inputs=torch.randn(3, 4))
 
@@ -100,3 +126,35 @@ def test_llama_rmsnorm_replicates_every_unit(scheme: str) -> None:
     assert_same_function(model, child, x)
     with pytest.raises(MorphError, match="width must be a multiple of 6, got 9"):
         widen(model, "0", 9, scheme=scheme, inputs=x)
+
+
+def _decorated(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+class Decorated(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 6)
+        self.head = torch.nn.Linear(6, 2)
+
+    @_decorated
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                **kwargs: object) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        if mask is not None:
+            h = h * mask
+        return self.head(h)
+
+
+def test_decorated_forward_with_kwargs_is_traced() -> None:
+    """fx alone: "co_varnames is too small"; the optional mask stays None as in the call."""
+    model = Decorated()
+    x = torch.randn(3, 4)
+    assert_same_function(model, widen(model, "fc", 9, inputs=x), x)

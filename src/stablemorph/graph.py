@@ -34,9 +34,10 @@ or by adding a non-zero constant; ``zero_preserving`` holds when every consumer 
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,15 +99,21 @@ def _handlers():  # late import: the handlers import this module's Remap
 
 class MorphTracer(fx.Tracer):
     """The default tracer; every module whose type has a handler (and keeps its handler's
-    ``forward``) is one leaf node, and the module being traced is remembered so that a
-    failure can name it."""
+    ``forward``) is one leaf node, so is every module named in ``opaque``; the module being
+    traced is remembered so that a failure can name it. A root ``forward`` that takes
+    ``*args``/``**kwargs`` (directly or through a decorator, as Hugging Face's do) is traced
+    through a stand-in with its explicit parameters only (fx cannot patch such code:
+    "co_varnames is too small")."""
 
-    def __init__(self) -> None:
+    def __init__(self, opaque: Sequence[str] = (), inputs: int | None = None) -> None:
         super().__init__()
         self.path: list[str] = []
+        self.opaque = set(opaque)
+        self.inputs = inputs
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _handlers().is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+        return (module_qualified_name in self.opaque or _handlers().is_leaf(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
         self.path.append(self.path_of_module(m))
@@ -114,13 +121,43 @@ class MorphTracer(fx.Tracer):
         self.path.pop()
         return out
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore
+        inner = inspect.unwrap(root_fn)
+        varstuff = inner.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+        if is_module and concrete_args is None and (varstuff or inner is not root_fn):
+            root_fn = _explicit_parameters(root_fn, inner, self.inputs)
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
+
+
+def _explicit_parameters(fn: Callable[..., object], inner: Callable[..., object],
+                         inputs: int | None) -> Callable[..., object]:
+    """A stand-in for ``fn`` (a bound-to-be ``forward``) whose graph inputs are ``inner``'s
+    first positional parameters: the required ones, or the first ``inputs`` when more; the
+    other parameters keep their defaults as Python values (so that a check such as ``if
+    mask is not None`` sees ``None``, as in the probe's call), passed by keyword (decorators
+    may add keywords of their own)."""
+    params = [p for p in inspect.signature(inner).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in params)
+    kept = max(required, 1 + (inputs or 0))
+    defaults = [p.default for p in params]
+    decl = ", ".join(p.name if p.default is p.empty else f"{p.name}=_defaults[{k}]"
+                     for k, p in enumerate(params[:kept]))
+    call = ", ".join(
+        (p.name if k < kept else f"_defaults[{k}]") if k == 0 or p.kind == p.POSITIONAL_ONLY
+        else f"{p.name}={p.name if k < kept else f'_defaults[{k}]'}"
+        for k, p in enumerate(params))
+    scope: dict[str, object] = {"_fn": fn, "_defaults": defaults}
+    exec(f"def forward({decl}):\n    return _fn({call})\n", scope)
+    return scope["forward"]  # type: ignore[return-value]
+
 
 def _fx_cause(err: Exception) -> str:
     """What an fx failure means, in words (fx's own messages often blame control flow)."""
     text = str(err)
     if "co_varnames" in text:
-        return ("its forward takes **kwargs (or *args), which torch.fx cannot turn into graph "
-                "inputs")
+        return ("its forward takes *args/**kwargs through a decorator, which torch.fx cannot "
+                "turn into graph inputs")
     if "cannot be iterated" in text:
         return ("its forward iterates over or unpacks a traced tensor (a loop over a tensor, "
                 "a tuple-unpacked shape, or a tensor passed as *args/**kwargs)")
@@ -129,27 +166,54 @@ def _fx_cause(err: Exception) -> str:
     return "torch.fx cannot record one of its operations"
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+OPAQUE_LIMIT = 64  # sub-modules kept whole before tracing gives up
+
+
+def trace(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
+          ) -> fx.GraphModule:
     """Symbolically trace ``model``; the GraphModule shares ``model``'s submodules.
+    ``inputs``: how many positional inputs the probe passes (see :class:`MorphTracer`);
+    ``whole``: modules to keep as single nodes.
+
+    A sub-module whose forward torch.fx cannot trace (a Hugging Face attention unpacking
+    shapes, ...) is kept whole, as one opaque node, and tracing is retried: the analysis then
+    works wherever the widened units do not reach it. ``gm.meta["opaque"]`` maps each such
+    module to why fx failed in it.
 
     Raises:
-        GraphError: torch.fx cannot trace the model; the message names the module whose
-            forward failed, what fx's error means, and fx's own error.
+        GraphError: the model's own forward cannot be traced; the message says what fx's
+            error means, and gives fx's own error.
     """
-    tracer = MorphTracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as err:  # fx raises many types (TraceError, TypeError, ValueError, ...)
-        where = tracer.path[-1] if tracer.path else ""
-        inner = (f"in {where!r} ({type(model.get_submodule(where)).__name__})" if where
-                 else "in its own forward")
-        raise GraphError(
-            f"torch.fx cannot trace {type(model).__name__}: it failed {inner}: "
-            f"{_fx_cause(err)} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-            f"Widen inside a traceable sub-module (e.g. one block's MLP, passing that "
-            f"sub-module to widen), or grow a whole Hugging Face model with sm.grow"
-        ) from err
-    return fx.GraphModule(model, graph)
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = MorphTracer([*opaque, *whole], inputs)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as err:  # fx raises many types (TraceError, TypeError, ...)
+            cause = (f"{_fx_cause(err)} ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0][:160]})")
+            where = tracer.path[-1] if tracer.path else ""
+            if where and where not in opaque and len(opaque) < OPAQUE_LIMIT:
+                opaque[where] = cause
+                continue
+            raise GraphError(
+                f"torch.fx cannot trace {type(model).__name__}: it failed in its own forward: "
+                f"{cause}. Widen inside a traceable sub-module (e.g. one block's MLP, passing "
+                f"that sub-module to widen), or grow a whole Hugging Face model with sm.grow"
+            ) from err
+    gm = fx.GraphModule(model, graph)
+    gm.meta["opaque"] = opaque
+    return gm
+
+
+def _opaque_note(gm: fx.GraphModule, name: str) -> str:
+    """Why fx could not look inside module ``name`` or a module containing it ("" if it
+    could)."""
+    for path, cause in gm.meta.get("opaque", {}).items():
+        if name == path or name.startswith(path + "."):
+            return f"; torch.fx cannot trace {path!r}: {cause}"
+    return ""
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
@@ -371,7 +435,8 @@ class _Propagation:
         if h is None or (role != "dense" and not grouped):
             if grouped:
                 raise self._unsupported(node, f"module {name!r} ({type(m).__name__}), which "
-                                              f"has no handler (see sm.register_handler)")
+                                              f"has no handler (see sm.register_handler)"
+                                              f"{_opaque_note(self.gm, name)}")
             return x if role is not None else None
         if role == "dense":
             return self._dense(node, name, m, h, x)
@@ -699,18 +764,6 @@ class ChannelGroup:
         return out
 
 
-class _LeafTracer(MorphTracer):
-    """:class:`MorphTracer` that also keeps the module ``leaf`` as one node."""
-
-    def __init__(self, leaf: str) -> None:
-        super().__init__()
-        self.leaf = leaf
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name == self.leaf or super().is_leaf_module(
-            m, module_qualified_name)
-
-
 def input_unit_dim(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> int | None:
     """The dim holding the units (features, channels) of the first input that module
     ``target`` receives, as the nearest layer upstream lays them out (``-1``-style dims are
@@ -721,7 +774,7 @@ def input_unit_dim(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> i
     ``(batch, channels, length)`` tensor after a Conv1d on dim 1.
     """
     try:
-        gm = fx.GraphModule(model, _LeafTracer(target).trace(model))
+        gm = trace(model, len(inputs), whole=(target,))
         with preserved_state(gm), torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
         result = _Propagation(gm, model, set(), None).run()
@@ -779,15 +832,29 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
     if not is_dense(m):
         raise GraphError(f"{target!r} is {module_kind(m)}; widen a dense Conv1d/2d/3d, "
                          f"Linear, Embedding or a layer registered with sm.register_handler")
-    gm = trace(model)
+    gm = trace(model, len(inputs))
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
     if not calls:
+        inside = _opaque_note(gm, target)
+        if inside:
+            raise GraphError(
+                f"{target!r} cannot be analysed{inside}. Widen inside a traceable sub-module "
+                f"(e.g. one block's MLP, passing that sub-module to widen), or grow a whole "
+                f"Hugging Face model with sm.grow"
+            )
         raise GraphError(f"{target!r} is never called by {type(model).__name__}.forward")
     try:  # shapes only: BN running statistics must not move
         with preserved_state(gm), torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
     except Exception as err:
-        raise GraphError(f"running the traced model on the probe failed: {err}") from err
+        root = err
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        raise GraphError(
+            f"running {type(model).__name__} on the probe failed ({type(root).__name__}: "
+            f"{str(root).splitlines()[0][:200] if str(root) else ''}): does its forward need "
+            f"other inputs than the probe's?"
+        ) from err
     group = {target}
     while True:
         result = _Propagation(gm, model, group, None).run()
