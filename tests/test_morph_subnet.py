@@ -186,3 +186,24 @@ def test_tied_layer_split_keeps_the_tie() -> None:
     assert child.head.shortcut.weight is child.embed.weight
     assert_same_function(model, child, tokens)
     assert last_report(child).param_map["embed.weight"].source == "embed.weight"
+
+
+class BranchyBlock(nn.Module):
+    """A residual block whose forward branches on a tensor value (fx cannot trace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        return x + (h if bool(h.mean() > 0) else -h)
+
+
+def test_untraceable_block_is_a_morph_error() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), BranchyBlock())
+    snap = snapshot(model)
+    with pytest.raises(MorphError, match=r"insert_subnet '1': torch\.fx cannot trace "
+                                         r"BranchyBlock: .*branches on tensor values"):
+        insert_subnet(model, "1", inputs=inputs("cnn"))
+    assert_untouched(model, snap)

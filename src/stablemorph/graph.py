@@ -51,7 +51,6 @@ from stablemorph.verify import preserved_state
 GROUP = -1  # owner id of the channels of the group being widened
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # Functions and methods that act on each element (value: f(0) == 0).
 _ELEMENTWISE_FUNCTIONS: dict[object, bool] = {
@@ -169,16 +168,15 @@ def _fx_cause(err: Exception) -> str:
 OPAQUE_LIMIT = 64  # sub-modules kept whole before tracing gives up
 
 
-def trace(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
-          ) -> fx.GraphModule:
-    """Symbolically trace ``model``; the GraphModule shares ``model``'s submodules.
-    ``inputs``: how many positional inputs the probe passes (see :class:`MorphTracer`);
-    ``whole``: modules to keep as single nodes.
+def trace_graph(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
+                ) -> tuple[fx.Graph, dict[str, str]]:
+    """The ``torch.fx`` graph of ``model``, and the sub-modules kept whole because fx cannot
+    trace them (name -> why).
 
     A sub-module whose forward torch.fx cannot trace (a Hugging Face attention unpacking
     shapes, ...) is kept whole, as one opaque node, and tracing is retried: the analysis then
-    works wherever the widened units do not reach it. ``gm.meta["opaque"]`` maps each such
-    module to why fx failed in it.
+    works wherever the widened units do not reach it. ``inputs``: how many positional inputs
+    the probe passes (see :class:`MorphTracer`); ``whole``: modules to keep as single nodes.
 
     Raises:
         GraphError: the model's own forward cannot be traced; the message says what fx's
@@ -188,8 +186,7 @@ def trace(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
     while True:
         tracer = MorphTracer([*opaque, *whole], inputs)
         try:
-            graph = tracer.trace(model)
-            break
+            return tracer.trace(model), opaque
         except Exception as err:  # fx raises many types (TraceError, TypeError, ...)
             cause = (f"{_fx_cause(err)} ({type(err).__name__}: "
                      f"{str(err).splitlines()[0][:160]})")
@@ -202,6 +199,13 @@ def trace(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
                 f"{cause}. Widen inside a traceable sub-module (e.g. one block's MLP, passing "
                 f"that sub-module to widen), or grow a whole Hugging Face model with sm.grow"
             ) from err
+
+
+def trace(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
+          ) -> fx.GraphModule:
+    """:func:`trace_graph` as a GraphModule sharing ``model``'s submodules;
+    ``gm.meta["opaque"]`` holds the modules kept whole and why."""
+    graph, opaque = trace_graph(model, inputs, whole)
     gm = fx.GraphModule(model, graph)
     gm.meta["opaque"] = opaque
     return gm
@@ -969,6 +973,5 @@ def module_kind(m: nn.Module) -> str:
 __all__: list[str] = [
     "GROUP", "ChannelGroup", "ChannelUse", "GraphError", "Labels", "MorphTracer", "Remap",
     "channel_group", "find_module", "input_unit_dim", "is_dense", "is_depthwise",
-    "module_kind", "role_of",
-    "set_module", "trace",
+    "module_kind", "role_of", "set_module", "trace", "trace_graph",
 ]

@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from stablemorph.activations import ACTIVATIONS
-from stablemorph.graph import MorphTracer, input_unit_dim, set_module
+from stablemorph.graph import input_unit_dim, set_module, trace_graph
 from stablemorph.morphs.contract import (
     MorphError,
     Surgery,
@@ -122,8 +122,9 @@ def _identity_kernel(geom: Geometry, scale: float, like: Tensor) -> Tensor:
 
 
 def _find_shortcut(block: nn.Module, target: str) -> tuple[fx.Graph, fx.Node, fx.Node]:
-    """``block``'s traced graph, its one add of the block input, and that input node."""
-    graph = MorphTracer().trace(block)
+    """``block``'s traced graph, its one add of the block input, and that input node
+    (a GraphError when fx cannot trace the block's own forward)."""
+    graph, _ = trace_graph(block)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     adds = [n for n in graph.nodes if n.op == "call_function" and n.target in _ADDS
             and inputs and inputs[0] in n.args]
