@@ -313,3 +313,68 @@ def test_handlers_driven_by_hand_grow_attention_heads(scheme: str, variant: str)
                             "proj.weight"}
     if scheme == "stable":
         assert all(bool((p != 0).all()) for p in child.parameters())
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7x7, channels-last LayerNorm, MLP, layer scale, residual."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.pwconv2(self.act(self.pwconv1(self.norm(h))))
+        return x + (self.gamma * h).permute(0, 3, 1, 2)
+
+
+class ConvNeXtNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 2, stride=2)
+        self.stem_norm = LayerNorm2d(8)
+        self.block = ConvNeXtBlock(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(self.stem_norm(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_convnext_block_residual_stream_and_layer_scale(scheme: str) -> None:
+    torch.manual_seed(5)
+    model = _trained(ConvNeXtNet(), X)
+    child = _check(model, "stem", 16, scheme, X)
+    assert child.block.gamma.shape == (16,) and child.block.pwconv2.out_features == 16
+    origin = last_report(child).param_map["block.gamma"]
+    assert origin.source == "block.gamma" and origin.index.tolist()[8:] == list(range(8))
+    _check(model, "block.pwconv1", 40, scheme, X)
+
+
+class ShiftScale(nn.Module):
+    """Bare per-channel parameters added and multiplied in forward, shapes (C, 1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.shift = nn.Parameter(torch.linspace(-0.5, 0.5, 4).reshape(4, 1, 1))
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4).reshape(4, 1, 1))
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.scale * (self.conv(x) + self.shift))).mean((2, 3))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bare_per_channel_parameters_grow(scheme: str) -> None:
+    torch.manual_seed(6)
+    model = ShiftScale()
+    child = _check(model, "conv", 7, scheme, X)
+    assert child.shift.shape == child.scale.shape == (7, 1, 1)
+    if scheme == "netmorph":  # zero incoming weights: new shifts take the default 0
+        assert bool((child.shift[4:] == 0).all()) and bool((child.scale[4:] == 1).all())

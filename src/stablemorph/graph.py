@@ -11,7 +11,8 @@ handled below: element-wise functions, adds, products, concatenations, flatten, 
 permutes, reductions over other dims, and the functional norms (``F.batch_norm``,
 ``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``) whose parameters belong to a module with
 a channel-wise handler (a BatchNorm subclass with a fused activation, ConvNeXt's
-channels-first LayerNorm).
+channels-first LayerNorm), and bare per-channel parameters that a forward multiplies or adds
+(ConvNeXt's layer scale ``gamma * x``).
 
 **Channel labels.** Widening a layer adds output channels, and every module that reads those
 channels, directly or through norms, activations, pooling, flatten, permutes, residual adds,
@@ -299,11 +300,15 @@ class ChannelUse:
     """One module that reads the group's channels: ``kind`` is ``"consumer"`` (a dense layer
     reading them as inputs: its handler's ``grow_in``) or ``"channelwise"`` (norms,
     per-channel PAct, depthwise conv: one parameter slice per channel, its handler's
-    ``grow_channels``). ``labels`` describe its input."""
+    ``grow_channels``) or ``"parameter"`` (a bare per-channel parameter that a traced forward
+    multiplies or adds, e.g. ConvNeXt's layer scale ``gamma * x``: ``module`` is the
+    parameter's name, ``labels.dim`` the parameter's channel dim, ``default`` the value of a
+    new unit with nothing to copy). ``labels`` describe its input."""
 
     module: str
     kind: str
     labels: Labels
+    default: float = 0.0  # "parameter" uses: the value of a new unit with nothing to copy
 
 
 @dataclass
@@ -531,9 +536,11 @@ class _Propagation:
     def _group_operand(self, args: Sequence[object]) -> bool:
         return any((lab := self._get(a)) is not None and lab.has_group() for a in args)
 
-    def _broadcast(self, node: fx.Node, x: Labels, others: Sequence[object]) -> Labels:
+    def _broadcast(self, node: fx.Node, x: Labels, others: Sequence[object],
+                   default: float | None = None) -> Labels:
         """``x`` times or over tensors that carry no channels: each must be constant along
-        ``x``'s channel dim (a scalar, a per-sample factor, a mask of size 1 there)."""
+        ``x``'s channel dim (a scalar, a per-sample factor, a mask of size 1 there), or be a
+        per-channel parameter (a ``"parameter"`` use when ``default`` is given)."""
         ndim = self._ndim(node)
         for other in others:
             shape = self._shape(other) if isinstance(other, fx.Node) else None
@@ -541,10 +548,26 @@ class _Propagation:
                 continue
             k = x.dim - (ndim - len(shape))
             if 0 <= k < len(shape) and shape[k] != 1:
+                if default is not None and self._parameter_use(other, x, k, default):
+                    continue
                 raise self._unsupported(node, f"a product or quotient with {other.name!r} "
                                               f"(shape {shape}), which comes from no layer "
                                               f"whose units widening can grow")
         return x
+
+    def _parameter_use(self, other: object, x: Labels, k: int, default: float) -> bool:
+        """Record ``other`` as a ``"parameter"`` use if it is a model parameter holding one
+        value per channel of ``x`` on its dim ``k`` (size 1 elsewhere)."""
+        if not (isinstance(other, fx.Node) and other.op == "get_attr" and x.has_group()):
+            return False
+        shape = self._shape(other)  # the parent's: the child pass has more channels
+        size = len(x) if self.width is None else shape[k] if shape else -1
+        if shape is None or shape[k] != size or math.prod(shape) != size or \
+                bool(x.sub.any()):
+            return False
+        self._use(other, str(other.target), "parameter", Labels(k, x.owner, x.unit, x.sub))
+        self.out.uses[-1][1].default = default
+        return True
 
     def _product(self, node: fx.Node) -> Labels | None:
         """A product ties its operands like an add (a gate's units grow with the gated ones:
@@ -562,7 +585,7 @@ class _Propagation:
             if not la.same_as(lb):  # type: ignore[union-attr]
                 self.out.ties.append((node, labelled))
         out = next(lab for _, lab in labelled if lab.has_group())  # type: ignore[union-attr]
-        return self._broadcast(node, out, bare)  # type: ignore[arg-type]
+        return self._broadcast(node, out, bare, default=1.0)  # type: ignore[arg-type]
 
     def _norm_function(self, node: fx.Node, x: Labels | None) -> Labels | None:
         """``F.batch_norm`` / ``F.layer_norm`` / ``F.group_norm`` / ``F.rms_norm`` called
@@ -637,6 +660,10 @@ class _Propagation:
             self.zero = bool(operands) and self._z(operands[0][0]) and scalar == [0]
             return operands[0][1] if operands else None
         self.zero = all(self._z(a) for a, _ in operands)
+        group = [lab for _, lab in operands if lab is not None and lab.has_group()]
+        bare = [a for a, lab in operands if lab is None]
+        if group and bare and all(a.op == "get_attr" for a in bare):  # x + per-channel bias
+            return self._broadcast(node, group[0], bare, default=0.0)
         self.out.ties.append((node, operands))
         # The result carries the group's labels where an operand does.
         labelled = [lab for _, lab in operands if lab is not None]
@@ -896,7 +923,7 @@ def _check_tied(model: nn.Module, grown: list[str]) -> None:
     for names in places.values():
         if len(names) < 2:
             continue
-        mine = [n for n in names if n.rpartition(".")[0] in grown_set]
+        mine = [n for n in names if n in grown_set or n.rpartition(".")[0] in grown_set]
         if mine:
             raise GraphError(
                 f"{' and '.join(repr(n) for n in names)} are one tied parameter; widening would "

@@ -177,6 +177,22 @@ def gather(t: Tensor, index: Tensor, default: float) -> Tensor:
     return out
 
 
+def grow_parameter(root: nn.Module, path: str, dim: int, default: float, remap: Remap,
+                   plan: WidenPlan, origins: Origins) -> None:
+    """Grow the bare per-channel parameter ``path`` of ``root`` (one value per channel on
+    ``dim``, e.g. a layer scale): new channels copy their source's or template's value, else
+    ``default``."""
+    index, _ = channel_index(remap, plan)
+    p = get_path(root, path)
+    t = p.detach().movedim(dim, 0)  # type: ignore[attr-defined]
+    grown = gather(t, index, default).movedim(0, dim)
+    if isinstance(p, nn.Parameter):
+        _set_param(root, path, grown, p)
+        origins[path] = ParamOrigin(path, dim=dim, index=index)
+    else:
+        set_path(root, path, grown)
+
+
 # ----------------------------------------------------------------------------------------------
 # handlers
 
@@ -387,5 +403,5 @@ class Elementwise(Handler):
 
 __all__ = [
     "Channelwise", "Dense", "Elementwise", "Handler", "Param", "WidenPlan", "channel_index",
-    "gather", "get_path", "grow_columns", "grow_rows", "set_path",
+    "gather", "get_path", "grow_columns", "grow_parameter", "grow_rows", "set_path",
 ]

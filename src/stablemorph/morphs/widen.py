@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from stablemorph.graph import ChannelGroup, channel_group
 from stablemorph.handlers import WidenPlan, handler_for
+from stablemorph.handlers.base import grow_parameter
 from stablemorph.morphs.contract import (
     MorphError,
     Surgery,
@@ -176,6 +177,9 @@ def _unit_params(group: ChannelGroup, modules: dict[str, nn.Module]) -> tuple[in
                    for p in group.producers)
     outgoing = 0
     for use in group.uses:
+        if use.kind == "parameter":
+            incoming += 1
+            continue
         m = modules[use.module]
         per_unit = handler_for(m).params_per_unit(m, "in")
         if use.kind == "channelwise":
@@ -195,6 +199,10 @@ def apply_plan(child: nn.Module, group: ChannelGroup, plan: WidenPlan,
     for name in group.producers:
         handler_for(modules[name]).grow_out(name, modules[name], plan, gen, origins)
     for use in group.uses:
+        if use.kind == "parameter":
+            grow_parameter(child, use.module, use.labels.dim, use.default,
+                           remaps[use.module], plan, origins)
+            continue
         m, remap = modules[use.module], remaps[use.module]
         h = handler_for(m)
         try:
