@@ -158,3 +158,21 @@ def test_decorated_forward_with_kwargs_is_traced() -> None:
     model = Decorated()
     x = torch.randn(3, 4)
     assert_same_function(model, widen(model, "fc", 9, inputs=x), x)
+
+
+class AddsOpaque(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.inner = Looping()
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x) + self.inner(x))
+
+
+def test_a_tie_to_a_module_kept_whole_says_why() -> None:
+    with pytest.raises(MorphError, match=r"ties the widened channels to 'inner', which comes "
+                                         r"from no Conv/Linear layer .*; torch\.fx cannot "
+                                         r"trace 'inner': its forward iterates"):
+        widen(AddsOpaque(), "fc", 6, inputs=torch.randn(3, 4))

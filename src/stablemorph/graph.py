@@ -951,6 +951,7 @@ def _joins(gm: fx.GraphModule, result: _Pass, group: set[str]) -> set[str]:
                 raise GraphError(
                     f"{node.name!r} ties the widened channels to {arg.name!r}, which comes from "
                     f"no Conv/Linear layer (e.g. the model input) and cannot be widened"
+                    + (_opaque_note(gm, str(arg.target)) if arg.op == "call_module" else "")
                 )
         (_, ref), *rest = operands
         for arg, lab in rest:
