@@ -40,6 +40,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.fx as fx
@@ -91,7 +92,7 @@ class GraphError(ValueError):
     """The model cannot be analysed, or a layer name / channel group is unsupported."""
 
 
-def _handlers():  # late import: the handlers import this module's Remap
+def _handlers() -> ModuleType:  # late import: the handlers import this module's Remap
     from stablemorph import handlers
 
     return handlers

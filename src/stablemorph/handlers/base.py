@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,11 +89,12 @@ def get_path(m: nn.Module, path: str) -> object:
 
 
 def set_path(m: nn.Module, path: str, value: object) -> None:
+    """Set ``m.a.b = value`` for ``path="a.b"``."""
     owner, _, attr = path.rpartition(".")
     setattr(get_path(m, owner) if owner else m, attr, value)
 
 
-def _helpers():  # late import: morphs.contract imports the graph, which imports us
+def _helpers() -> ModuleType:  # late: morphs.contract imports the graph, which imports us
     from stablemorph.morphs import contract
 
     return contract
