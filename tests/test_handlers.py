@@ -124,8 +124,12 @@ CONV_NETS = {
     "ln2d_super": lambda: ConvNet(SuperLayerNorm2d(8)),
     "groupnorm": lambda: ConvNet(nn.GroupNorm(4, 8)),
     "se": lambda: ConvNet(nn.BatchNorm2d(8), se=True),
+    "instancenorm": lambda: ConvNet(nn.InstanceNorm2d(8, affine=True,
+                                                      track_running_stats=True)),
+    "prelu": lambda: ConvNet(nn.Sequential(nn.BatchNorm2d(8), nn.PReLU(8))),
 }
-WIDTHS = {"bnact": 11, "ln2d": 16, "ln2d_super": 24, "groupnorm": 12, "se": 11}
+WIDTHS = {"bnact": 11, "ln2d": 16, "ln2d_super": 24, "groupnorm": 12, "se": 11,
+          "instancenorm": 11, "prelu": 11}
 
 
 @pytest.mark.parametrize("name", sorted(CONV_NETS))

@@ -3,10 +3,11 @@
 :func:`register_handler`.
 
 Importing this package registers the built-in handlers: Linear, Conv1d/2d/3d (dense, grouped:
-refused, depthwise), BatchNorm and its subclasses, LayerNorm, GroupNorm, RMSNorm (torch's and
-Hugging Face Llama/Qwen2's), Embedding, PAct, activations, dropout, pooling, identity and
-Hugging Face's ``Conv1D``. Functions in a traced forward (``F.layer_norm``, products,
-permutes, ...) are handled by the graph analysis (:mod:`stablemorph.graph`).
+refused, depthwise), BatchNorm and its subclasses, InstanceNorm, LayerNorm, GroupNorm, RMSNorm
+(torch's and Hugging Face Llama/Qwen2's), Embedding, PAct, PReLU, activations, dropout,
+pooling, identity and Hugging Face's ``Conv1D``. Functions in a traced forward
+(``F.layer_norm``, products, permutes, ...) are handled by the graph analysis
+(:mod:`stablemorph.graph`).
 
 **Driving handlers without the graph** (e.g. transformer growths that know their structure):
 make a plan with :func:`stablemorph.morphs.widen.plan_widen` (``block=head_dim`` makes new

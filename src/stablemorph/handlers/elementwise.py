@@ -1,6 +1,6 @@
 """Handlers of the layers without weights per unit (activations, dropout, pooling,
-identity: channels pass through) and of :class:`~stablemorph.activations.PAct` (channel-wise
-with one ``a`` per channel, element-wise with a scalar ``a``).
+identity: channels pass through) and of :class:`~stablemorph.activations.PAct` and
+``nn.PReLU`` (channel-wise with one parameter per channel, element-wise with a shared one).
 
 ``maps_zero`` is what NetMorph's zero-incoming widening needs: a new unit with zero
 incoming weights stays 0 through ReLU, GELU, tanh, SiLU, but not through sigmoid.
@@ -22,7 +22,7 @@ _ACTIVATIONS: dict[type[nn.Module], bool] = {
     nn.SiLU: True, nn.ELU: True, nn.ReLU6: True, nn.Hardtanh: True, nn.Hardswish: True,
     nn.Mish: True, nn.Softplus: False, nn.Hardsigmoid: False, nn.Identity: True,
     nn.Dropout: True, nn.Dropout1d: True, nn.Dropout2d: True, nn.Dropout3d: True,
-    nn.PReLU: True, nn.CELU: True, nn.SELU: True, nn.Softsign: True, nn.Tanhshrink: True,
+    nn.CELU: True, nn.SELU: True, nn.Softsign: True, nn.Tanhshrink: True,
 }
 _POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -49,12 +49,27 @@ class PActHandler(Channelwise):
         return phi is not None and phi.maps_zero(m.phi)  # type: ignore[arg-type]
 
 
+class PReLUHandler(Channelwise):
+    """``nn.PReLU``: one slope per channel (dim 1) when ``num_parameters > 1`` (a new channel
+    copies its source's slope, else 0.25, PReLU's initial value); one shared slope passes
+    channels through."""
+
+    def __init__(self) -> None:
+        super().__init__([("weight", 0.25)], size=["num_parameters"])
+
+    def role(self, m: nn.Module) -> str:
+        return "channelwise" if m.num_parameters > 1 else "elementwise"  # type: ignore
+
+
 PACT: Handler = PActHandler()
+PRELU: Handler = PReLUHandler()
 
 for _cls, _zero in _ACTIVATIONS.items():
     register_handler(_cls, ZERO_PRESERVING if _zero else NOT_ZERO_PRESERVING)
 for _cls in _POOLS:
     register_handler(_cls, ZERO_PRESERVING)
 register_handler(PAct, PACT)
+register_handler(nn.PReLU, PRELU)
 
-__all__ = ["NOT_ZERO_PRESERVING", "PACT", "ZERO_PRESERVING", "PActHandler"]
+__all__ = ["NOT_ZERO_PRESERVING", "PACT", "PRELU", "ZERO_PRESERVING", "PActHandler",
+           "PReLUHandler"]

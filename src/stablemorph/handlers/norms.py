@@ -1,4 +1,5 @@
-"""Handlers of the normalisation layers: BatchNorm (and every subclass), LayerNorm over the
+"""Handlers of the normalisation layers: BatchNorm (and every subclass), InstanceNorm (the
+same table: per-channel affine parameters and optional statistics), LayerNorm over the
 last dim (channels-first LayerNorms are traced into and found at their ``F.layer_norm``),
 GroupNorm (grown by whole groups) and RMSNorm.
 
@@ -71,6 +72,7 @@ class GroupNorm(Channelwise):
 GROUPNORM = GroupNorm()
 
 register_handler(nn.modules.batchnorm._BatchNorm, BATCHNORM)
+register_handler(nn.modules.instancenorm._InstanceNorm, BATCHNORM)  # per channel and sample
 register_handler(nn.LayerNorm, LAYERNORM)
 register_handler(nn.GroupNorm, GROUPNORM)
 register_handler(nn.RMSNorm, RMSNORM)
