@@ -538,7 +538,8 @@ class _Propagation:
         return any((lab := self._get(a)) is not None and lab.has_group() for a in args)
 
     def _broadcast(self, node: fx.Node, x: Labels, others: Sequence[object],
-                   default: float | None = None) -> Labels:
+                   default: float | None = None, what: str = "a product or quotient"
+                   ) -> Labels:
         """``x`` times or over tensors that carry no channels: each must be constant along
         ``x``'s channel dim (a scalar, a per-sample factor, a mask of size 1 there), or be a
         per-channel parameter (a ``"parameter"`` use when ``default`` is given)."""
@@ -551,9 +552,9 @@ class _Propagation:
             if 0 <= k < len(shape) and shape[k] != 1:
                 if default is not None and self._parameter_use(other, x, k, default):
                     continue
-                raise self._unsupported(node, f"a product or quotient with {other.name!r} "
-                                              f"(shape {shape}), which comes from no layer "
-                                              f"whose units widening can grow")
+                raise self._unsupported(node, f"{what} with {other.name!r} (shape {shape}), "
+                                              f"which comes from no layer whose units "
+                                              f"widening can grow")
         return x
 
     def _parameter_use(self, other: object, x: Labels, k: int, default: float) -> bool:
@@ -664,7 +665,7 @@ class _Propagation:
         group = [lab for _, lab in operands if lab is not None and lab.has_group()]
         bare = [a for a, lab in operands if lab is None]
         if group and bare and all(a.op == "get_attr" for a in bare):  # x + per-channel bias
-            return self._broadcast(node, group[0], bare, default=0.0)
+            return self._broadcast(node, group[0], bare, default=0.0, what="a sum")
         self.out.ties.append((node, operands))
         # The result carries the group's labels where an operand does.
         labelled = [lab for _, lab in operands if lab is not None]
