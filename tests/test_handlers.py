@@ -29,9 +29,17 @@ class BatchNormAct2d(nn.BatchNorm2d):
         super().__init__(channels)
         self.act = nn.SiLU()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, self.momentum, self.eps)
+    def forward(self, x: Tensor) -> Tensor:  # as timm's, without its asserts
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats
+                         else None,
+                         self.running_var if not self.training or self.track_running_stats
+                         else None, self.weight, self.bias, use_batch, factor, self.eps)
         return self.act(x)
 
 
