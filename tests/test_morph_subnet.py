@@ -207,3 +207,25 @@ def test_untraceable_block_is_a_morph_error() -> None:
                                          r"BranchyBlock: .*branches on tensor values"):
         insert_subnet(model, "1", inputs=inputs("cnn"))
     assert_untouched(model, snap)
+
+
+class TokenBlock(nn.Module):
+    """A pre-norm residual MLP block over (batch, tokens, features)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(2 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.proj(torch.relu(self.fc(self.norm(x))))
+
+
+def test_token_block_shortcut_gets_a_per_token_branch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), TokenBlock(), nn.Linear(8, 3))
+    child = insert_subnet(model, "1", inputs=torch.randn(3, 6, 6))
+    branch = child[1].shortcut.branch
+    assert isinstance(branch.first, nn.Linear) and branch.first.in_features == 8
+    assert_same_function(model, child, torch.randn(2, 10, 6))
