@@ -176,3 +176,16 @@ def test_a_tie_to_a_module_kept_whole_says_why() -> None:
                                          r"from no Conv/Linear layer .*; torch\.fx cannot "
                                          r"trace 'inner': its forward iterates"):
         widen(AddsOpaque(), "fc", 6, inputs=torch.randn(3, 4))
+
+
+def test_vit_names_the_line_fx_fails_on() -> None:
+    """HF ViT: fx's "control flow" is a dtype check, not data: the line is named."""
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, num_labels=3, hidden_size=32,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=64)
+    model = transformers.ViTForImageClassification(cfg)
+    with pytest.raises(MorphError, match=r"torch\.fx cannot trace 'vit': its forward branches "
+                                         r"on a traced tensor's value or attribute .* at "
+                                         r"modeling_vit\.py:\d+"):
+        widen(model, "vit.layers.0.mlp.fc1", 80, inputs=torch.randn(2, 3, 16, 16))

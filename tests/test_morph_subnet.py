@@ -204,7 +204,9 @@ def test_untraceable_block_is_a_morph_error() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), BranchyBlock())
     snap = snapshot(model)
     with pytest.raises(MorphError, match=r"insert_subnet '1': torch\.fx cannot trace "
-                                         r"BranchyBlock: .*branches on tensor values"):
+                                         r"BranchyBlock: .*branches on a traced tensor's "
+                                         r"value or attribute .* at test_morph_subnet\.py:"
+                                         r"\d+"):
         insert_subnet(model, "1", inputs=inputs("cnn"))
     assert_untouched(model, snap)
 

@@ -154,17 +154,28 @@ def _explicit_parameters(fn: Callable[..., object], inner: Callable[..., object]
 
 
 def _fx_cause(err: Exception) -> str:
-    """What an fx failure means, in words (fx's own messages often blame control flow)."""
+    """What an fx failure means, in words (fx's own messages often blame control flow), and
+    the line of the model's code where it happened."""
     text = str(err)
     if "co_varnames" in text:
-        return ("its forward takes *args/**kwargs through a decorator, which torch.fx cannot "
+        what = ("its forward takes *args/**kwargs through a decorator, which torch.fx cannot "
                 "turn into graph inputs")
-    if "cannot be iterated" in text:
-        return ("its forward iterates over or unpacks a traced tensor (a loop over a tensor, "
+    elif "cannot be iterated" in text:
+        what = ("its forward iterates over or unpacks a traced tensor (a loop over a tensor, "
                 "a tuple-unpacked shape, or a tensor passed as *args/**kwargs)")
-    if "control flow" in text or "__bool__" in text:
-        return "its forward branches on tensor values (data-dependent control flow)"
-    return "torch.fx cannot record one of its operations"
+    elif "control flow" in text or "__bool__" in text:
+        what = ("its forward branches on a traced tensor's value or attribute (e.g. `if "
+                "x.dtype != ...`, `if mask.any()`): fx records no Python branch")
+    else:
+        what = "torch.fx cannot record one of its operations"
+    where = ""
+    tb = err.__traceback__
+    while tb is not None:  # the last frame outside torch: the model's own line
+        name = tb.tb_frame.f_code.co_filename
+        if "/torch/" not in name and "stablemorph" not in name:
+            where = f" at {name.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return what + where
 
 
 OPAQUE_LIMIT = 64  # sub-modules kept whole before tracing gives up
