@@ -1,7 +1,8 @@
 """A ``torch.fx`` view of a model, used only to *analyse* it: find a layer by name, and find
 every module tied to a layer's output channels (its channel group) for widening.
 
-The model itself is never rewritten here; morphs edit a deep copy module by module.
+The model itself is never rewritten here; morphs edit a deep copy module by module. Tracing,
+and what an fx failure means, live in :mod:`stablemorph.tracing`.
 
 **Modules are asked, functions are handled here.** What a module does with units is its
 handler's business (:mod:`stablemorph.handlers`: dense layers produce and read units,
@@ -35,12 +36,10 @@ or by adding a non-zero constant; ``zero_preserving`` holds when every consumer 
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 import torch.fx as fx
@@ -48,6 +47,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from stablemorph.tracing import (
+    GraphError,
+    MorphTracer,
+    handlers_module,
+    opaque_note,
+    trace,
+    trace_graph,
+)
 from stablemorph.verify import preserved_state
 
 GROUP = -1  # owner id of the channels of the group being widened
@@ -88,151 +95,6 @@ _NORM_FUNCTIONS: dict[object, tuple[tuple[tuple[int, str], ...], int]] = {
 }
 
 
-class GraphError(ValueError):
-    """The model cannot be analysed, or a layer name / channel group is unsupported."""
-
-
-def _handlers() -> ModuleType:  # late import: the handlers import this module's Remap
-    from stablemorph import handlers
-
-    return handlers
-
-
-class MorphTracer(fx.Tracer):
-    """The default tracer; every module whose type has a handler (and keeps its handler's
-    ``forward``) is one leaf node, so is every module named in ``opaque``; the module being
-    traced is remembered so that a failure can name it. A root ``forward`` that takes
-    ``*args``/``**kwargs`` (directly or through a decorator, as Hugging Face's do) is traced
-    through a stand-in with its explicit parameters only (fx cannot patch such code:
-    "co_varnames is too small")."""
-
-    def __init__(self, opaque: Sequence[str] = (), inputs: int | None = None) -> None:
-        super().__init__()
-        self.path: list[str] = []
-        self.opaque = set(opaque)
-        self.inputs = inputs
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (module_qualified_name in self.opaque or _handlers().is_leaf(m)
-                or super().is_leaf_module(m, module_qualified_name))
-
-    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
-        self.path.append(self.path_of_module(m))
-        out = super().call_module(m, forward, args, kwargs)
-        self.path.pop()
-        return out
-
-    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore
-        inner = inspect.unwrap(root_fn)
-        varstuff = inner.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
-        if is_module and concrete_args is None and (varstuff or inner is not root_fn):
-            root_fn = _explicit_parameters(root_fn, inner, self.inputs)
-        return super().create_args_for_root(root_fn, is_module, concrete_args)
-
-
-def _explicit_parameters(fn: Callable[..., object], inner: Callable[..., object],
-                         inputs: int | None) -> Callable[..., object]:
-    """A stand-in for ``fn`` (a bound-to-be ``forward``) whose graph inputs are ``inner``'s
-    first positional parameters: the required ones, or the first ``inputs`` when more; the
-    other parameters keep their defaults as Python values (so that a check such as ``if
-    mask is not None`` sees ``None``, as in the probe's call), passed by keyword (decorators
-    may add keywords of their own)."""
-    params = [p for p in inspect.signature(inner).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = sum(p.default is p.empty for p in params)
-    kept = max(required, 1 + (inputs or 0))
-    defaults = [p.default for p in params]
-    decl = ", ".join(p.name if p.default is p.empty else f"{p.name}=_defaults[{k}]"
-                     for k, p in enumerate(params[:kept]))
-    call = ", ".join(
-        (p.name if k < kept else f"_defaults[{k}]") if k == 0 or p.kind == p.POSITIONAL_ONLY
-        else f"{p.name}={p.name if k < kept else f'_defaults[{k}]'}"
-        for k, p in enumerate(params))
-    scope: dict[str, object] = {"_fn": fn, "_defaults": defaults}
-    exec(f"def forward({decl}):\n    return _fn({call})\n", scope)
-    return scope["forward"]  # type: ignore[return-value]
-
-
-def _fx_cause(err: Exception) -> str:
-    """What an fx failure means, in words (fx's own messages often blame control flow), and
-    the line of the model's code where it happened."""
-    text = str(err)
-    if "co_varnames" in text:
-        what = ("its forward takes *args/**kwargs through a decorator, which torch.fx cannot "
-                "turn into graph inputs")
-    elif "cannot be iterated" in text:
-        what = ("its forward iterates over or unpacks a traced tensor (a loop over a tensor, "
-                "a tuple-unpacked shape, or a tensor passed as *args/**kwargs)")
-    elif "control flow" in text or "__bool__" in text:
-        what = ("its forward branches on a traced tensor's value or attribute (e.g. `if "
-                "x.dtype != ...`, `if mask.any()`): fx records no Python branch")
-    else:
-        what = "torch.fx cannot record one of its operations"
-    where = ""
-    tb = err.__traceback__
-    while tb is not None:  # the last frame outside torch: the model's own line
-        name = tb.tb_frame.f_code.co_filename
-        if "/torch/" not in name and "stablemorph" not in name:
-            where = f" at {name.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
-        tb = tb.tb_next
-    return what + where
-
-
-OPAQUE_LIMIT = 64  # sub-modules kept whole before tracing gives up
-
-
-def trace_graph(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
-                ) -> tuple[fx.Graph, dict[str, str]]:
-    """The ``torch.fx`` graph of ``model``, and the sub-modules kept whole because fx cannot
-    trace them (name -> why).
-
-    A sub-module whose forward torch.fx cannot trace (a Hugging Face attention unpacking
-    shapes, ...) is kept whole, as one opaque node, and tracing is retried: the analysis then
-    works wherever the widened units do not reach it. ``inputs``: how many positional inputs
-    the probe passes (see :class:`MorphTracer`); ``whole``: modules to keep as single nodes.
-
-    Raises:
-        GraphError: the model's own forward cannot be traced; the message says what fx's
-            error means, and gives fx's own error.
-    """
-    opaque: dict[str, str] = {}
-    while True:
-        tracer = MorphTracer([*opaque, *whole], inputs)
-        try:
-            return tracer.trace(model), opaque
-        except Exception as err:  # fx raises many types (TraceError, TypeError, ...)
-            cause = (f"{_fx_cause(err)} ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0][:160]})")
-            where = tracer.path[-1] if tracer.path else ""
-            if where and where not in opaque and len(opaque) < OPAQUE_LIMIT:
-                opaque[where] = cause
-                continue
-            raise GraphError(
-                f"torch.fx cannot trace {type(model).__name__}: it failed in its own forward: "
-                f"{cause}. Widen inside a traceable sub-module (e.g. one block's MLP, passing "
-                f"that sub-module to widen), or grow a whole Hugging Face model with sm.grow"
-            ) from err
-
-
-def trace(model: nn.Module, inputs: int | None = None, whole: Sequence[str] = ()
-          ) -> fx.GraphModule:
-    """:func:`trace_graph` as a GraphModule sharing ``model``'s submodules;
-    ``gm.meta["opaque"]`` holds the modules kept whole and why."""
-    graph, opaque = trace_graph(model, inputs, whole)
-    gm = fx.GraphModule(model, graph)
-    gm.meta["opaque"] = opaque
-    return gm
-
-
-def _opaque_note(gm: fx.GraphModule, name: str) -> str:
-    """Why fx could not look inside module ``name`` or a module containing it ("" if it
-    could)."""
-    for path, cause in gm.meta.get("opaque", {}).items():
-        if name == path or name.startswith(path + "."):
-            return f"; torch.fx cannot trace {path!r}: {cause}"
-    return ""
-
-
 def find_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule ``name`` (dotted, as in ``named_modules``), or a GraphError that
     suggests close names."""
@@ -254,7 +116,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def role_of(m: nn.Module | None) -> str | None:
     """The role of ``m``'s handler (``"dense"``, ``"channelwise"``, ``"elementwise"``), or
     ``None`` when no handler knows its type."""
-    h = _handlers().handler_for(m) if m is not None else None
+    h = handlers_module().handler_for(m) if m is not None else None
     return h.role(m) if h is not None else None
 
 
@@ -266,7 +128,7 @@ def is_depthwise(m: nn.Module) -> bool:
 def is_dense(m: nn.Module | None) -> bool:
     """A layer with output units of its own that widening can grow (Conv/Linear with
     ``groups == 1``, Embedding, HF Conv1D, a user's registered layer)."""
-    h = _handlers().handler_for(m) if m is not None else None
+    h = handlers_module().handler_for(m) if m is not None else None
     return (h is not None and h.role(m) == "dense" and h.out_units(m) is not None
             and h.refusal(m, "out") is None)
 
@@ -450,14 +312,14 @@ class _Propagation:
         x = self._get(node.args[0]) if node.args else None
         if x is not None and isinstance(m, nn.Flatten):
             return self._flatten(node, x, m.start_dim, m.end_dim)
-        h = _handlers().handler_for(m)
+        h = handlers_module().handler_for(m)
         role = h.role(m) if h is not None else None
         grouped = x is not None and x.has_group()
         if h is None or (role != "dense" and not grouped):
             if grouped:
                 raise self._unsupported(node, f"module {name!r} ({type(m).__name__}), which "
                                               f"has no handler (see sm.register_handler)"
-                                              f"{_opaque_note(self.gm, name)}")
+                                              f"{opaque_note(self.gm, name)}")
             return x if role is not None else None
         if role == "dense":
             return self._dense(node, name, m, h, x)
@@ -617,7 +479,7 @@ class _Propagation:
         if owner is None:
             raise self._unsupported(node, f"{name} without a module's parameters or statistics")
         m = self.modules.get(owner)
-        h = _handlers().handler_for(m) if m is not None else None
+        h = handlers_module().handler_for(m) if m is not None else None
         if h is None or h.role(m) != "channelwise":
             raise self._unsupported(node, f"{name} with the parameters of {owner!r}, which has no "
                                           f"channel-wise handler")
@@ -879,7 +741,7 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
     gm = trace(model, len(inputs))
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
     if not calls:
-        inside = _opaque_note(gm, target)
+        inside = opaque_note(gm, target)
         if inside:
             raise GraphError(
                 f"{target!r} cannot be analysed{inside}. Widen inside a traceable sub-module "
@@ -916,7 +778,7 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
                if n.op == "call_module" and n.target in group]
     ordered = [target] + [p for p in dict.fromkeys(ordered) if p != target]
     modules = dict(gm.named_modules())
-    widths = {p: _handlers().handler_for(modules[p]).out_units(modules[p]) for p in ordered}
+    widths = {p: handlers_module().handler_for(modules[p]).out_units(modules[p]) for p in ordered}
     if len(set(widths.values())) != 1:
         raise GraphError(f"producers of one channel group differ in width: {widths}")
     uses = [u for _, u in result.uses]
@@ -964,7 +826,7 @@ def _joins(gm: fx.GraphModule, result: _Pass, group: set[str]) -> set[str]:
                 raise GraphError(
                     f"{node.name!r} ties the widened channels to {arg.name!r}, which comes from "
                     f"no Conv/Linear layer (e.g. the model input) and cannot be widened"
-                    + (_opaque_note(gm, str(arg.target)) if arg.op == "call_module" else "")
+                    + (opaque_note(gm, str(arg.target)) if arg.op == "call_module" else "")
                 )
         (_, ref), *rest = operands
         for arg, lab in rest:
