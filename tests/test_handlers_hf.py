@@ -189,3 +189,19 @@ def test_vit_names_the_line_fx_fails_on() -> None:
                                          r"on a traced tensor's value or attribute .* at "
                                          r"modeling_vit\.py:\d+"):
         widen(model, "vit.layers.0.mlp.fc1", 80, inputs=torch.randn(2, 3, 16, 16))
+
+
+def test_llama_decoder_layer_widens_with_its_rotary_inputs() -> None:
+    """The whole decoder layer: its forward (**kwargs through a decorator) traced through its
+    explicit parameters, the attention kept whole, the probe passing RoPE's (cos, sin)."""
+    model = _llama().eval()
+    layer = model.model.layers[0]
+    x = torch.randn(2, 5, 32)
+    pos = torch.arange(5)[None].expand(2, 5)
+    rope = model.model.rotary_emb(x, pos)
+    probe = (x, None, pos, None, False, rope)
+    child = widen(layer, "mlp.gate_proj", 96, inputs=probe)
+    assert child.mlp.up_proj.out_features == 96
+    with torch.no_grad():
+        torch.testing.assert_close(child(x, position_embeddings=rope),
+                                   layer(x, position_embeddings=rope), rtol=0, atol=1e-5)
