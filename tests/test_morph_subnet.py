@@ -132,3 +132,102 @@ def test_widening_a_stage_grows_the_inserted_branch(scheme: str) -> None:
     branch = wider.layer1[0].shortcut.branch
     assert branch.first.in_channels == 7 and branch.second.out_channels == 7
     assert_same_function(model, wider, x)
+
+
+class TokenMLP(nn.Module):
+    """(batch, tokens, features): Linear -> identity shortcut (a block to be) -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.skip = nn.Identity()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(x))
+        return self.head(torch.relu(h + self.skip(h)))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_token_inputs_get_a_per_token_branch(scheme: str) -> None:
+    torch.manual_seed(0)
+    model = TokenMLP()
+    probe = torch.randn(3, 6, 6)
+    child = insert_subnet(model, "skip", scheme=scheme, inputs=probe)
+    branch = child.skip.branch
+    assert isinstance(branch.first, nn.Linear) and isinstance(branch.second, nn.Linear)
+    longer = torch.randn(2, 11, 6)  # another sequence length than the probe's
+    assert_same_function(model, child, longer)
+    # once trained (here: perturbed), position t still depends on tokens <= t only
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.add_(torch.randn_like(p))
+        changed = longer.clone()
+        changed[:, 7:] += 1.0
+        torch.testing.assert_close(child(changed)[:, :7], child(longer)[:, :7], rtol=0, atol=0)
+
+
+class TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embed(t)))
+
+
+def test_tied_layer_split_keeps_the_tie() -> None:
+    torch.manual_seed(0)
+    model = TiedHead()
+    tokens = torch.randint(0, 10, (3, 4))
+    child = insert_subnet(model, "head", inputs=tokens)
+    assert child.head.shortcut.weight is child.embed.weight
+    assert_same_function(model, child, tokens)
+    assert last_report(child).param_map["embed.weight"].source == "embed.weight"
+
+
+class BranchyBlock(nn.Module):
+    """A residual block whose forward branches on a tensor value (fx cannot trace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        return x + (h if bool(h.mean() > 0) else -h)
+
+
+def test_untraceable_block_is_a_morph_error() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), BranchyBlock())
+    snap = snapshot(model)
+    with pytest.raises(MorphError, match=r"insert_subnet '1': torch\.fx cannot trace "
+                                         r"BranchyBlock: .*branches on a traced tensor's "
+                                         r"value or attribute .* at test_morph_subnet\.py:"
+                                         r"\d+"):
+        insert_subnet(model, "1", inputs=inputs("cnn"))
+    assert_untouched(model, snap)
+
+
+class TokenBlock(nn.Module):
+    """A pre-norm residual MLP block over (batch, tokens, features)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(2 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.proj(torch.relu(self.fc(self.norm(x))))
+
+
+def test_token_block_shortcut_gets_a_per_token_branch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), TokenBlock(), nn.Linear(8, 3))
+    child = insert_subnet(model, "1", inputs=torch.randn(3, 6, 6))
+    branch = child[1].shortcut.branch
+    assert isinstance(branch.first, nn.Linear) and branch.first.in_features == 8
+    assert_same_function(model, child, torch.randn(2, 10, 6))

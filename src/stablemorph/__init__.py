@@ -14,6 +14,7 @@ from stablemorph.activations import PAct, clamp_pact_
 from stablemorph.checkpoint import CheckpointError, load, load_checkpoint, save
 from stablemorph.ddp import morph_ddp
 from stablemorph.equation import composite, feasibility, min_mid_channels
+from stablemorph.handlers import register_handler
 from stablemorph.morphs import (
     MORPHS,
     MorphError,
@@ -57,6 +58,7 @@ __all__ = [
     "load_checkpoint",
     "min_mid_channels",
     "morph_ddp",
+    "register_handler",
     "save",
     "transfer_optimizer",
     "transfer_scheduler",

@@ -6,6 +6,11 @@ The target can be:
 
 - an ``nn.Identity`` (or an empty ``nn.Sequential``) used as a shortcut: it becomes
   :class:`ResidualBranch` ``share * x + branch(x)``;
+
+  the branch acts on the units of ``x`` as the layer upstream lays them out: channels-first
+  ``(N, C, L)`` / ``(N, C, H, W)`` after a conv gives conv factors, ``(N, T, F)`` after a
+  Linear (tokens, features) gives Linear factors applied to each token alone, exact at any
+  sequence length and never mixing tokens (causality kept);
 - a Linear/Conv layer ``L`` (e.g. a 1x1 projection shortcut): it becomes
   ``share * L(x) + branch(x)``, the branch composing ``(1 - share) L``;
 - any other module whose forward adds its own input ``x`` to something (a residual block
@@ -28,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from stablemorph.activations import ACTIVATIONS
-from stablemorph.graph import MorphTracer, set_module
+from stablemorph.graph import input_unit_dim, set_module, trace_graph
 from stablemorph.morphs.contract import (
     MorphError,
     Surgery,
@@ -47,6 +52,7 @@ from stablemorph.morphs.factor import (
     resolve_kernels,
 )
 from stablemorph.record import ParamOrigin
+from stablemorph.schemes import get_scheme
 from stablemorph.verify import preserved_state
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -92,10 +98,21 @@ def _input_shape(model: nn.Module, target: str, probe: tuple[Tensor, ...]) -> to
     return seen[0]
 
 
-def _identity_geometry(shape: torch.Size, target: str) -> Geometry:
-    if len(shape) not in (2, 3, 4):
-        raise MorphError(f"insert_subnet {target!r}: input shape {tuple(shape)}: only (N, C), "
-                         f"(N, C, L) and (N, C, H, W) are supported")
+def _identity_geometry(model: nn.Module, target: str, probe: tuple[Tensor, ...]) -> Geometry:
+    """The identity's geometry: Linear over the last dim for ``(N, F)`` and for inputs whose
+    units lie last (``(N, T, F)`` tokens after a Linear), else a conv over the channels of
+    ``(N, C, L)`` / ``(N, C, H, W)``."""
+    shape = _input_shape(model, target, probe)
+    dim = input_unit_dim(model, target, probe)
+    if dim is None:  # nothing upstream says: channels-first only in a model with convs
+        convs = any(isinstance(m, nn.Conv1d | nn.Conv2d) for m in model.modules())
+        dim = 1 if convs and len(shape) in (3, 4) else len(shape) - 1
+    if dim == len(shape) - 1 and len(shape) >= 2:
+        return Geometry(0, shape[-1], shape[-1], 1, 1, 0, 1)
+    if dim != 1 or len(shape) not in (3, 4):
+        raise MorphError(f"insert_subnet {target!r}: input shape {tuple(shape)} with units on "
+                         f"dim {dim}: supported are units last ((N, F), (N, T, F)) or "
+                         f"channels-first (N, C, L) and (N, C, H, W)")
     return Geometry(len(shape) - 2, shape[1], shape[1], 1, 1, 0, 1)
 
 
@@ -105,8 +122,9 @@ def _identity_kernel(geom: Geometry, scale: float, like: Tensor) -> Tensor:
 
 
 def _find_shortcut(block: nn.Module, target: str) -> tuple[fx.Graph, fx.Node, fx.Node]:
-    """``block``'s traced graph, its one add of the block input, and that input node."""
-    graph = MorphTracer().trace(block)
+    """``block``'s traced graph, its one add of the block input, and that input node
+    (a GraphError when fx cannot trace the block's own forward)."""
+    graph, _ = trace_graph(block)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     adds = [n for n in graph.nodes if n.op == "call_function" and n.target in _ADDS
             and inputs and inputs[0] in n.args]
@@ -189,7 +207,7 @@ def insert_subnet(
         kk1, kk2 = resolve_kernels(g, k1 if g.nd else None, k2 if g.nd else None, target,
                                    "insert_subnet")
         w = default_width(g, kk1, kk2) if width is None else int(width)
-        if scheme == "stable":
+        if get_scheme(scheme).dense:
             check_feasible(g, w, kk1, kk2, target, "insert_subnet")
         kwargs.update(kernel_sizes=[kk1, kk2], width=w)
         return kk1, kk2, w
@@ -208,7 +226,7 @@ def insert_subnet(
             if old.bias is not None:
                 bias = old.bias.detach() * (1 - share)
         else:
-            g = _identity_geometry(_input_shape(child, target, probe), target)
+            g = _identity_geometry(child, target, probe)
             like = next(iter(child.parameters()))
             G, bias = _identity_kernel(g, 1 - share, like), None
         kk1, kk2, w = plan(g)
@@ -219,8 +237,10 @@ def insert_subnet(
             adopt(factors.block, old)
             set_module(child, target, ResidualBranch(factors.block, share, shortcut=old))
             origins = factor_origins(f"{target}.branch", factors, None)
+            named = dict(child.named_parameters())  # a tied weight is listed once, elsewhere
             for n, _ in old.named_parameters():
-                origins[f"{target}.shortcut.{n}"] = ParamOrigin(f"{target}.{n}")
+                if f"{target}.shortcut.{n}" in named:
+                    origins[f"{target}.shortcut.{n}"] = ParamOrigin(f"{target}.{n}")
             notes.insert(0, f"{target!r} split into {share} * layer + a branch")
             return Surgery(origins, residual=factors.report.residual_cast, notes=notes)
         factors.block.train(old.training)

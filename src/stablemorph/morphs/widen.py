@@ -1,87 +1,58 @@
-"""``widen``: give a Conv/Linear layer more output units, and grow every module tied to them.
+"""``widen``: give a layer more output units, and grow every module tied to them.
 
 The channel group (:func:`stablemorph.graph.channel_group`) lists the layers whose outputs are
-added to the target's (a ResNet stage's convs and projections), the channel-wise modules on
-the way (BatchNorm, LayerNorm, per-channel PAct, depthwise convs) and the consumers (the
-next dense Conv/Linear layers, through pooling, flatten and concatenation). A :class:`WidenPlan`
-says, per new unit, what its incoming weights, channel-wise parameters and outgoing weights
-are; the schemes (DESIGN.md section 2) differ only in the plan:
+added to the target's (a ResNet stage's convs and projections) or multiply them (a
+squeeze-excite gate, SwiGLU's ``up`` beside its ``gate``), the channel-wise modules on the way
+(norms, per-channel PAct, depthwise convs) and the consumers (the next dense layers, through
+pooling, flatten, permutes and concatenation). Each module grows through its handler
+(:mod:`stablemorph.handlers`); what the new units are is one :class:`WidenPlan`, chosen by the
+scheme (:mod:`stablemorph.schemes`, DESIGN.md section 2) and executed by the handlers:
 
-- ``"net2net"``: each new unit copies a random existing unit (weights, bias, BatchNorm
-  affine parameters and running statistics); every outgoing column of a unit with ``c``
-  copies is divided by ``c``.
-- ``"netmorph"``: new units get zeros on the side with fewer parameters and random values
-  on the other. Zero *incoming* weights keep the function only if every op on the way maps
-  0 to 0 (not sigmoid, not LayerNorm); otherwise the outgoing side is zeroed.
+- ``"net2net"`` (variant ``"random"``): each new unit copies a random existing unit (weights,
+  bias, norm affine parameters and running statistics); every outgoing column of a unit with
+  ``c`` copies is divided by ``c``.
+- ``"netmorph"`` (variant ``"auto"``): new units get zeros on the side with fewer parameters
+  and random values on the other. Zero *incoming* weights keep the function only if the new
+  channels stay 0 up to every consumer (not through sigmoid, not through a norm over the
+  channels); otherwise the outgoing side is zeroed.
 - ``"stable"`` (dense, exact): variant ``"pairs"`` (default) adds units two by two with the
   same random incoming weights ``V`` and opposite random outgoing weights ``Z`` and ``-Z``
   (their contributions cancel exactly, their gradients differ in sign); with an odd count
   the last new unit is an unequal split copy (outgoing shares ``1 - a`` and ``a``). Variant
   ``"split"`` makes every new unit a copy with random unequal outgoing shares (LEMON-style).
-  Fresh units borrow the BatchNorm/PAct parameters and statistics of a random existing
-  channel, so nothing new is zero (unless the parent's copied values are).
+  Fresh units borrow the norm/PAct parameters and statistics of a random existing channel,
+  so nothing new is zero (unless the parent's copied values are).
 
-A LayerNorm over the widened channels changes with any extra channel unless every unit is
-replicated the same number of times (mean and variance are then unchanged): there the width
-must be a multiple of the current one and all schemes replicate, differing in the outgoing
-shares (net2net equal, netmorph ``1`` and ``0``, stable random).
+A LayerNorm or RMSNorm over the widened channels changes with any extra channel unless every
+unit is replicated the same number of times (mean and variance are then unchanged): there
+the width must be a multiple of the current one and all schemes replicate, differing in the
+outgoing shares (net2net equal, netmorph ``1`` and ``0``, stable random). A GroupNorm's groups
+are independent: new channels come as whole new groups (copies of old groups, or pairs inside
+a group when its size is even), the width being the current one plus whole groups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from stablemorph.activations import PAct
-from stablemorph.graph import BATCHNORM, CONV, ChannelGroup, Remap, channel_group, is_depthwise
+from stablemorph.graph import ChannelGroup, channel_group
+from stablemorph.handlers import WidenPlan, handler_for
+from stablemorph.handlers.base import grow_parameter
 from stablemorph.morphs.contract import (
     MorphError,
     Surgery,
     check_scheme,
     generator,
     get_layer,
-    new_parameter,
-    randn,
     run_morph,
-    scale_of,
 )
 from stablemorph.record import ParamOrigin
+from stablemorph.schemes import TABLE, get_scheme
 
-VARIANTS = {"stable": ("pairs", "split"), "netmorph": ("auto",), "net2net": ("random",)}
-
-
-@dataclass
-class WidenPlan:
-    """Values of ``new`` extra units on top of ``channels`` (all tensors on the CPU).
-
-    Per new unit ``j``: ``source[j]`` the old unit it copies (incoming weights and
-    channel-wise parameters; ``-1``: none), else ``fresh_in[j]`` the id of its random
-    incoming vector (pairs share one; ``-1``: zero incoming) and ``template[j]`` the old unit
-    whose channel-wise parameters it borrows (``-1``: fresh defaults). Outgoing: every unit
-    ``u`` (old and new) contributes ``share[u]`` times its source's parent column, new unit
-    ``j`` adds ``sign[j]`` times random outgoing vector ``fresh_out[j]`` (``-1``: none).
-    """
-
-    channels: int
-    new: int
-    source: Tensor
-    template: Tensor
-    fresh_in: Tensor
-    share: Tensor
-    fresh_out: Tensor
-    sign: Tensor
-    random_bias: bool
-    notes: list[str] = field(default_factory=list)
-
-    @staticmethod
-    def empty(channels: int, new: int, random_bias: bool) -> WidenPlan:
-        none = torch.full((new,), -1, dtype=torch.long)
-        return WidenPlan(channels, new, none.clone(), none.clone(), none.clone(),
-                         torch.ones(channels + new, dtype=torch.float64), none.clone(),
-                         torch.ones(new, dtype=torch.float64), random_bias)
+VARIANTS = {name: s.widen_variants for name, s in TABLE.items()}
 
 
 def _random_shares(source: Tensor, channels: int, gen: torch.Generator) -> Tensor:
@@ -94,240 +65,173 @@ def _random_shares(source: Tensor, channels: int, gen: torch.Generator) -> Tenso
     return raw / total[owner]
 
 
-def plan_widen(scheme: str, variant: str, channels: int, width: int, *, normalised: bool,
-               zero_in: bool, gen: torch.Generator) -> WidenPlan:
-    """The :class:`WidenPlan` of ``scheme`` for ``channels -> width``.
+def _copy_shares(plan: WidenPlan, how: str, gen: torch.Generator) -> None:
+    """Outgoing shares of units and their copies (``plan.source``): ``"equal"``,
+    ``"original"`` (the copies get 0) or ``"random"`` (unequal, non-zero)."""
+    c = plan.channels
+    if how == "equal":
+        count = 1 + torch.bincount(plan.source, minlength=c).double()
+        plan.share = 1.0 / torch.cat([count, count[plan.source]])
+    elif how == "original":
+        plan.share[c:] = 0.0
+    else:
+        plan.share = _random_shares(plan.source, c, gen)
 
-    ``normalised``: a LayerNorm sees the channels (replicate every unit); ``zero_in``: for
-    NetMorph, zero incoming weights are both smaller and exact (else zero outgoing).
+
+def _blocks(channels: int, n: int, block: int, gen: torch.Generator) -> Tensor:
+    """Sources for ``n`` new units that copy whole blocks of ``block`` old units."""
+    groups = torch.randint(channels // block, (n // block,), generator=gen)
+    return (groups[:, None] * block + torch.arange(block)).flatten()
+
+
+def _plan_random(plan: WidenPlan, block: int | None, zero_in: bool,
+                 gen: torch.Generator) -> None:
+    """Net2Net: every new unit copies a random old unit (whole groups under a GroupNorm)."""
+    c, n = plan.channels, plan.new
+    plan.source = (_blocks(c, n, block, gen) if block
+                   else torch.randint(c, (n,), generator=gen))
+    _copy_shares(plan, "equal", gen)
+
+
+def _plan_auto(plan: WidenPlan, block: int | None, zero_in: bool,
+               gen: torch.Generator) -> None:
+    """NetMorph: zeros on the smaller side, random values on the other."""
+    ids = torch.arange(plan.new)
+    if zero_in:
+        plan.fresh_out, plan.share[plan.channels:] = ids, 0.0
+        plan.notes.append("new units: zero incoming weights, random outgoing")
+    else:
+        plan.fresh_in, plan.share[plan.channels:] = ids, 0.0
+        plan.notes.append("new units: random incoming weights, zero outgoing")
+
+
+def _plan_split(plan: WidenPlan, block: int | None, zero_in: bool,
+                gen: torch.Generator) -> None:
+    """Stable ``split``: every new unit copies an old unit, shares random and unequal."""
+    c, n = plan.channels, plan.new
+    if block:
+        plan.source = _blocks(c, n, block, gen)
+    else:
+        plan.source = (torch.randperm(c, generator=gen)[:n] if n <= c
+                       else torch.randint(c, (n,), generator=gen))
+    _copy_shares(plan, "random", gen)
+    plan.notes.append("new units: copies with random unequal outgoing shares")
+
+
+def _plan_pairs(plan: WidenPlan, block: int | None, zero_in: bool,
+                gen: torch.Generator) -> None:
+    """Stable ``pairs``: (V, V) incoming, (Z, -Z) outgoing; an odd last unit is a split
+    copy. Under a GroupNorm with odd group size pairs would straddle groups: split copies."""
+    if block and block % 2:
+        _plan_split(plan, block, zero_in, gen)
+        return
+    c, n = plan.channels, plan.new
+    pairs = n // 2
+    ids = torch.arange(pairs).repeat_interleave(2)
+    plan.fresh_in[: 2 * pairs] = ids
+    plan.fresh_out[: 2 * pairs] = ids
+    plan.sign[: 2 * pairs] = torch.tensor([1.0, -1.0]).repeat(pairs)
+    plan.share[c: c + 2 * pairs] = 0.0
+    plan.template[: 2 * pairs] = torch.randint(c, (pairs,), generator=gen).repeat_interleave(2)
+    plan.notes.append(f"new units: {pairs} pairs with incoming (V, V), outgoing (Z, -Z)")
+    if n % 2:
+        s = int(torch.randint(c, (1,), generator=gen))
+        a = 0.25 + 0.5 * float(torch.rand(1, generator=gen, dtype=torch.float64))
+        plan.source[-1] = s
+        plan.share[s], plan.share[-1] = 1.0 - a, a
+        plan.notes.append(f"odd count: unit {s} split into shares {1 - a:.3f} / {a:.3f}")
+
+
+PlanFn = Callable[[WidenPlan, "int | None", bool, torch.Generator], None]
+PLANS: dict[str, PlanFn] = {"random": _plan_random, "auto": _plan_auto,
+                            "split": _plan_split, "pairs": _plan_pairs}
+
+
+def plan_widen(scheme: str, variant: str, channels: int, width: int, *, normalised: bool,
+               zero_in: bool, gen: torch.Generator, block: int | None = None) -> WidenPlan:
+    """The :class:`~stablemorph.handlers.WidenPlan` of ``scheme`` for ``channels -> width``.
+
+    ``normalised``: a norm sees all the channels (replicate every unit; ``width`` a multiple
+    of ``channels``); ``block``: new units come in whole groups of that size (GroupNorm);
+    ``zero_in``: for NetMorph, zero incoming weights are both smaller and exact (else zero
+    outgoing).
     """
-    n = width - channels
-    plan = WidenPlan.empty(channels, n, random_bias=scheme == "stable")
+    s = get_scheme(scheme)
+    plan = WidenPlan.empty(channels, width - channels, random_bias=s.dense)
     if normalised:
         plan.source = torch.arange(channels).repeat(width // channels - 1)
-        if scheme == "net2net":
-            plan.share.fill_(channels / width)
-        elif scheme == "netmorph":
-            plan.share[channels:] = 0.0
-        else:
-            plan.share = _random_shares(plan.source, channels, gen)
-        plan.notes.append("a LayerNorm normalises the widened channels: every unit replicated")
+        _copy_shares(plan, s.replica_shares, gen)
+        plan.notes.append("a norm sees all the widened channels: every unit replicated")
         return plan
-    if scheme == "net2net":
-        plan.source = torch.randint(channels, (n,), generator=gen)
-        count = 1 + torch.bincount(plan.source, minlength=channels).double()
-        plan.share = 1.0 / torch.cat([count, count[plan.source]])
-    elif scheme == "netmorph":
-        ids = torch.arange(n)
-        if zero_in:
-            plan.fresh_out, plan.share[channels:] = ids, 0.0
-            plan.notes.append("new units: zero incoming weights, random outgoing")
-        else:
-            plan.fresh_in, plan.share[channels:] = ids, 0.0
-            plan.notes.append("new units: random incoming weights, zero outgoing")
-    elif variant == "split":
-        plan.source = (torch.randperm(channels, generator=gen)[:n] if n <= channels
-                       else torch.randint(channels, (n,), generator=gen))
-        plan.share = _random_shares(plan.source, channels, gen)
-        plan.notes.append("new units: copies with random unequal outgoing shares")
-    else:
-        pairs = n // 2
-        ids = torch.arange(pairs).repeat_interleave(2)
-        plan.fresh_in[: 2 * pairs] = ids
-        plan.fresh_out[: 2 * pairs] = ids
-        plan.sign[: 2 * pairs] = torch.tensor([1.0, -1.0]).repeat(pairs)
-        plan.share[channels: channels + 2 * pairs] = 0.0
-        plan.template[: 2 * pairs] = torch.randint(channels, (pairs,), generator=gen
-                                                   ).repeat_interleave(2)
-        plan.notes.append(f"new units: {pairs} pairs with incoming (V, V), outgoing (Z, -Z)")
-        if n % 2:
-            s = int(torch.randint(channels, (1,), generator=gen))
-            a = 0.25 + 0.5 * float(torch.rand(1, generator=gen, dtype=torch.float64))
-            plan.source[-1] = s
-            plan.share[s], plan.share[-1] = 1.0 - a, a
-            plan.notes.append(f"odd count: unit {s} split into shares {1 - a:.3f} / {a:.3f}")
+    PLANS[variant](plan, block, zero_in, gen)
     return plan
 
 
 # ----------------------------------------------------------------------------------------------
-# applying a plan
-
-
-def _rows(t: Tensor, plan: WidenPlan, fresh: Tensor | None) -> Tensor:
-    """``plan.new`` extra rows (dim 0) for ``t``: copies of their source, fresh rows, or 0."""
-    out = t.new_zeros(plan.new, *t.shape[1:])
-    copy = plan.source >= 0
-    out[copy] = t[plan.source[copy].to(t.device)]
-    if fresh is not None:
-        take = ~copy & (plan.fresh_in >= 0)
-        out[take] = fresh[plan.fresh_in[take].to(t.device)]
-    return out
-
-
-def _fresh_rows(t: Tensor, plan: WidenPlan, fan_in: int, gen: torch.Generator) -> Tensor | None:
-    count = int(plan.fresh_in.max()) + 1 if plan.new else 0
-    if count <= 0:
-        return None
-    return randn((count, *t.shape[1:]), scale_of(t, fan_in), gen, t)
-
-
-def _widen_producer(name: str, m: nn.Module, plan: WidenPlan, gen: torch.Generator,
-                    origins: dict[str, ParamOrigin]) -> None:
-    c = plan.channels
-    index = torch.cat([torch.arange(c), plan.source])
-    fan_in = m.weight[0].numel()
-    fresh = _fresh_rows(m.weight, plan, fan_in, gen)
-    weight = torch.cat([m.weight.detach(), _rows(m.weight.detach(), plan, fresh)])
-    m.weight = new_parameter(weight, m.weight)
-    origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", dim=0, index=index)
-    if m.bias is not None:
-        b = m.bias.detach()
-        fresh_b = _fresh_rows(b, plan, fan_in, gen) if plan.random_bias else None
-        m.bias = new_parameter(torch.cat([b, _rows(b, plan, fresh_b)]), m.bias)
-        origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", dim=0, index=index)
-    if isinstance(m, nn.Linear):
-        m.out_features = weight.shape[0]
-    else:
-        m.out_channels = weight.shape[0]
-
-
-def _channel_index(remap: Remap, plan: WidenPlan) -> tuple[Tensor, Tensor]:
-    """Per child position: the parent position whose channel-wise values it copies (``-1``:
-    none), and the new-unit id (``-1`` for old positions)."""
-    c = plan.channels
-    index = remap.parent.clone()
-    new = remap.unit >= c
-    j = torch.where(new, remap.unit - c, torch.full_like(remap.unit, -1))
-    src = torch.where(new, plan.source[j.clamp(min=0)], -1)
-    tmpl = torch.where(new & (src < 0), plan.template[j.clamp(min=0)], -1)
-    borrow = torch.where(src >= 0, src, tmpl)
-    has = new & (borrow >= 0)
-    index[has] = remap.table[borrow[has], remap.sub[has]]
-    return index, j
-
-
-def _gather(t: Tensor, index: Tensor, default: float) -> Tensor:
-    idx = index.to(t.device)
-    out = t[idx.clamp(min=0)].clone()
-    out[idx < 0] = default
-    return out
-
-
-def _widen_channelwise(name: str, m: nn.Module, remap: Remap, plan: WidenPlan,
-                       gen: torch.Generator, origins: dict[str, ParamOrigin]) -> None:
-    index, j = _channel_index(remap, plan)
-    size = index.numel()
-
-    def param(attr: str, default: float) -> None:
-        p = getattr(m, attr)
-        if p is None:
-            return
-        setattr(m, attr, new_parameter(_gather(p.detach(), index, default), p))
-        origins[f"{name}.{attr}"] = ParamOrigin(f"{name}.{attr}", dim=0, index=index)
-
-    if isinstance(m, BATCHNORM):
-        param("weight", 1.0)
-        param("bias", 0.0)
-        if m.running_mean is not None:
-            m.running_mean = _gather(m.running_mean, index, 0.0)
-            m.running_var = _gather(m.running_var, index, 1.0)
-        m.num_features = size
-    elif isinstance(m, nn.LayerNorm):
-        param("weight", 1.0)
-        param("bias", 0.0)
-        m.normalized_shape = (size,)
-    elif isinstance(m, PAct):
-        param("a", 1.0)
-        m.channels = size
-    elif is_depthwise(m):
-        # Units with neither source nor template (NetMorph) get a random filter per incoming
-        # id; pair members share their id, hence their filter.
-        fan_in = m.weight[0].numel()
-        weight = _gather(m.weight.detach(), index, 0.0)
-        fresh = index < 0
-        ids = plan.fresh_in[j[fresh].clamp(min=0)]
-        if bool(fresh.any()):
-            bank = randn((int(ids.max()) + 1, *m.weight.shape[1:]), scale_of(m.weight, fan_in),
-                         gen, m.weight)
-            weight[fresh.to(weight.device)] = bank[ids.clamp(min=0).to(weight.device)]
-        m.weight = new_parameter(weight, m.weight)
-        origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", dim=0, index=index)
-        if m.bias is not None:
-            bias = _gather(m.bias.detach(), index, 0.0)
-            if plan.random_bias and bool(fresh.any()):
-                bank = randn((int(ids.max()) + 1,), scale_of(m.bias, fan_in), gen, m.bias)
-                bias[fresh.to(bias.device)] = bank[ids.clamp(min=0).to(bias.device)]
-            m.bias = new_parameter(bias, m.bias)
-            origins[f"{name}.bias"] = ParamOrigin(f"{name}.bias", dim=0, index=index)
-        m.in_channels = m.out_channels = m.groups = size
-    else:  # graph.py only reports the kinds above
-        raise MorphError(f"cannot widen the channel-wise module {name!r} ({type(m).__name__})")
-
-
-def _widen_consumer(name: str, m: nn.Module, remap: Remap, plan: WidenPlan,
-                    gen: torch.Generator, origins: dict[str, ParamOrigin]) -> None:
-    c = plan.channels
-    w = m.weight.detach()
-    src = remap.parent.clone()
-    coef = torch.ones(src.numel(), dtype=torch.float64)
-    grouped = remap.unit >= 0
-    coef[grouped] = plan.share[remap.unit[grouped]]
-    new = remap.unit >= c
-    j = (remap.unit - c).clamp(min=0)
-    copy = new & (plan.source[j] >= 0)
-    src[copy] = remap.table[plan.source[j[copy]], remap.sub[copy]]
-    src[coef == 0] = -1
-    coef[src < 0] = 0.0
-    shape = (1, -1, *([1] * (w.dim() - 2)))
-    weight = w.index_select(1, src.clamp(min=0).to(w.device)) * coef.to(w).reshape(shape)
-    fresh = new & (plan.fresh_out[j] >= 0)
-    if bool(fresh.any()):
-        ids = plan.fresh_out[j[fresh]]
-        n_sub = int(remap.sub.max()) + 1
-        bank = randn((int(ids.max()) + 1, n_sub, w.shape[0], *w.shape[2:]),
-                     scale_of(w, w[0].numel()), gen, w)
-        cols = bank[ids.to(w.device), remap.sub[fresh].to(w.device)]  # (f, out, k...)
-        signs = plan.sign[j[fresh]].to(w).reshape(-1, *([1] * (cols.dim() - 1)))
-        weight[:, fresh.to(w.device)] = (signs * cols).transpose(0, 1)
-    m.weight = new_parameter(weight, m.weight)
-    origins[f"{name}.weight"] = ParamOrigin(f"{name}.weight", dim=1, index=src, scale=coef)
-    if isinstance(m, nn.Linear):
-        m.in_features = weight.shape[1]
-    else:
-        m.in_channels = weight.shape[1]
+# applying a plan: every module through its handler
 
 
 def _unit_params(group: ChannelGroup, modules: dict[str, nn.Module]) -> tuple[int, int]:
     """Parameters per unit on the incoming side and on the outgoing side."""
-    incoming = sum(modules[p].weight[0].numel() for p in group.producers)
+    incoming = sum(handler_for(modules[p]).params_per_unit(modules[p], "out")
+                   for p in group.producers)
     outgoing = 0
     for use in group.uses:
+        if use.kind == "parameter":
+            incoming += 1
+            continue
         m = modules[use.module]
+        per_unit = handler_for(m).params_per_unit(m, "in")
         if use.kind == "channelwise":
-            incoming += sum(p.numel() for p in m.parameters()) // len(use.labels)
+            incoming += per_unit
         else:
-            subs = int(use.labels.sub.max()) + 1
-            outgoing += m.weight.shape[0] * m.weight[0, 0].numel() * subs
+            outgoing += per_unit * (int(use.labels.sub.max()) + 1)
     return incoming, outgoing
 
 
 def apply_plan(child: nn.Module, group: ChannelGroup, plan: WidenPlan,
                gen: torch.Generator) -> dict[str, ParamOrigin]:
-    """Edit ``child``'s modules in place by ``plan``; returns the changed parameters'
-    origins."""
+    """Edit ``child``'s modules in place by ``plan``, each through its handler; returns the
+    changed parameters' origins."""
     modules = dict(child.named_modules())
     origins: dict[str, ParamOrigin] = {}
-    width = plan.channels + plan.new
-    remaps = group.remaps(width)
+    remaps = group.remaps(plan.channels + plan.new)
     for name in group.producers:
-        _widen_producer(name, modules[name], plan, gen, origins)
+        handler_for(modules[name]).grow_out(name, modules[name], plan, gen, origins)
     for use in group.uses:
+        if use.kind == "parameter":
+            grow_parameter(child, use.module, use.labels.dim, use.default,
+                           remaps[use.module], plan, origins)
+            continue
         m, remap = modules[use.module], remaps[use.module]
-        if use.kind == "consumer":
-            _widen_consumer(use.module, m, remap, plan, gen, origins)
-        else:
-            _widen_channelwise(use.module, m, remap, plan, gen, origins)
+        h = handler_for(m)
+        try:
+            if use.kind == "consumer":
+                h.grow_in(use.module, m, remap, plan, gen, origins)
+            else:
+                h.grow_channels(use.module, m, remap, plan, gen, origins)
+        except (ValueError, NotImplementedError) as err:
+            raise MorphError(f"cannot grow {use.module!r} ({type(m).__name__}): {err}") from err
     return origins
+
+
+def _check_width(target: str, current: int, width: int, group: ChannelGroup) -> None:
+    """Norms over the channels allow only some widths: refuse others with the nearest."""
+    if group.block == 0 and width % current:
+        raise MorphError(
+            f"widen {target!r}: a norm (LayerNorm/RMSNorm) normalises these channels, so every "
+            f"unit must be replicated equally: width must be a multiple of {current}, got "
+            f"{width} (nearest: {max(2, round(width / current)) * current})"
+        )
+    if group.block and (width - current) % group.block:
+        step = group.block
+        lo = current + max(1, (width - current) // step) * step
+        nearest = lo if lo > width or width - lo <= lo + step - width else lo + step
+        raise MorphError(
+            f"widen {target!r}: a GroupNorm normalises these channels in groups of {step}: "
+            f"new channels must form whole groups, so width must be {current} plus a "
+            f"multiple of {step}, got {width} (nearest: {nearest})"
+        )
 
 
 def widen(
@@ -342,14 +246,17 @@ def widen(
     input_shape: Sequence[int] | None = None,
     tol: float | None = None,
 ) -> nn.Module:
-    """A copy of ``model`` in which layer ``target`` (a dense Conv1d/2d/3d or Linear) and
-    every layer tied to its channels have ``width`` output units, computing the same function.
+    """A copy of ``model`` in which layer ``target`` and every layer tied to its units have
+    ``width`` output units, computing the same function.
 
     Args:
         model: the parent; never modified.
-        target: dotted module name of the layer to widen.
+        target: dotted module name of the layer to widen: a dense Conv1d/2d/3d, Linear,
+            Embedding, Hugging Face ``Conv1D``, or any layer registered with
+            :func:`~stablemorph.register_handler` as ``"dense"``.
         width: the new number of output units/channels (> the current one; a multiple of it
-            when a LayerNorm normalises them).
+            when a LayerNorm/RMSNorm normalises them; the current one plus whole groups
+            under a GroupNorm).
         scheme: ``"stable"`` (default), ``"netmorph"`` or ``"net2net"`` (module docstring).
         variant: ``"stable"``: ``"pairs"`` (default) or ``"split"``.
         seed: seeds every random choice (units copied, random weights).
@@ -361,15 +268,21 @@ def widen(
 
     Raises:
         MorphError: unknown/unsupported layer, ``width`` not larger, a channel tie widening
-            cannot follow, an untraceable model, or a failed verification.
+            cannot follow, a tied parameter, an untraceable model (naming the module fx
+            failed in and why), or a failed verification.
     """
     check_scheme(scheme)
     variant = variant or VARIANTS[scheme][0]
     if variant not in VARIANTS[scheme]:
         raise MorphError(f"unknown variant {variant!r} for widen scheme {scheme!r}; "
                          f"choose one of {VARIANTS[scheme]}")
-    layer = get_layer(model, target, (nn.Linear, *CONV), "widen")
-    current = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    layer = get_layer(model, target, (nn.Module,), "widen")
+    handler = handler_for(layer)
+    if handler is None or handler.role(layer) != "dense" or handler.out_units(layer) is None:
+        raise MorphError(f"widen: layer {target!r} is a {type(layer).__name__}; supported: "
+                         f"Linear, Conv1d, Conv2d, Conv3d, Embedding, HF Conv1D and layers "
+                         f"registered with sm.register_handler")
+    current = int(handler.out_units(layer))  # type: ignore[arg-type]
     if not isinstance(width, int) or width <= current:
         raise MorphError(
             f"widen {target!r}: width must be an int larger than the current {current}, "
@@ -378,17 +291,13 @@ def widen(
 
     def surgery(child: nn.Module, probe: tuple[Tensor, ...]) -> Surgery:
         group = channel_group(child, target, probe)
-        if group.normalised and width % current:
-            raise MorphError(
-                f"widen {target!r}: a LayerNorm normalises these channels, so every unit must "
-                f"be replicated equally: width must be a multiple of {current}, got {width}"
-            )
+        _check_width(target, current, width, group)
         modules = dict(child.named_modules())
         incoming, outgoing = _unit_params(group, modules)
         zero_in = group.zero_preserving and incoming < outgoing
         gen = generator(seed)
         plan = plan_widen(scheme, variant, current, width, normalised=group.normalised,
-                          zero_in=zero_in, gen=gen)
+                          zero_in=zero_in, gen=gen, block=group.block)
         origins = apply_plan(child, group, plan, gen)
         notes = [f"channel group: producers {group.producers}",
                  f"{len(group.uses)} modules read the channels", *plan.notes]

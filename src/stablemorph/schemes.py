@@ -1,0 +1,59 @@
+"""The three schemes (DESIGN.md section 2) as one table that morphs consult.
+
+A scheme is a set of choices, not code: each morph asks the table what to do (how new units
+are initialised, whether parameters must be dense, which variants exist) and the per-layer
+handlers (:mod:`stablemorph.handlers`) execute the resulting plan, knowing nothing of
+schemes.
+
+| scheme | widen | replicated units' outgoing shares | dense | random bias |
+|---|---|---|---|---|
+| ``stable`` | ``pairs`` (V, V)/(Z, -Z), or ``split`` copies | random, summing to 1 | yes | yes |
+| ``netmorph`` | ``auto``: zeros on the smaller side | 1 for the original, 0 | no | no |
+| ``net2net`` | ``random``: copies of random existing units | equal (1 / copies) | no | no |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One scheme's choices.
+
+    ``widen_variants``: the widen plans it offers, the default first; ``replica_shares``:
+    how a unit and its copies split the unit's outgoing weights when every unit must be
+    replicated (``"equal"``, ``"original"``: all to the original, ``"random"``);
+    ``dense``: every new or changed parameter must be non-zero (feasibility is checked before
+    solving, fresh units get random biases).
+    """
+
+    name: str
+    widen_variants: tuple[str, ...]
+    replica_shares: str
+    dense: bool
+
+
+TABLE: dict[str, Scheme] = {
+    s.name: s for s in (
+        Scheme("stable", ("pairs", "split"), "random", dense=True),
+        Scheme("netmorph", ("auto",), "original", dense=False),
+        Scheme("net2net", ("random",), "equal", dense=False),
+    )
+}
+SCHEMES: tuple[str, ...] = tuple(TABLE)
+
+
+def get_scheme(name: str) -> Scheme:
+    """The :class:`Scheme` called ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the schemes).
+    """
+    try:
+        return TABLE[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown scheme {name!r}; choose one of {SCHEMES}") from None
+
+
+__all__ = ["SCHEMES", "TABLE", "Scheme", "get_scheme"]
