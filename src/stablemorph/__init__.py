@@ -15,6 +15,7 @@ from stablemorph.checkpoint import CheckpointError, load, load_checkpoint, save
 from stablemorph.ddp import morph_ddp
 from stablemorph.equation import composite, feasibility, min_mid_channels
 from stablemorph.handlers import register_handler
+from stablemorph.hf import grow
 from stablemorph.morphs import (
     MORPHS,
     MorphError,
@@ -51,6 +52,7 @@ __all__ = [
     "deepen",
     "enlarge_kernel",
     "feasibility",
+    "grow",
     "history",
     "insert_subnet",
     "last_report",
