@@ -3,14 +3,14 @@ grown one back as the same class with its config rewritten.
 
 Supported (by ``config.model_type`` and class):
 
-- ``llama``, ``qwen2``, ``mistral`` (``*ForCausalLM``, ``*Model``): RMSNorm, RoPE, SwiGLU,
+- ``llama``, ``qwen2``, ``mistral`` (``*ForCausalLM``): RMSNorm, RoPE, SwiGLU,
   grouped-query attention, tied or untied head, optional q/k/v biases (Qwen2). The head
   width is kept by writing ``head_dim`` into the config, so heads grow independently of the
   hidden size.
-- ``gpt2`` (``GPT2LMHeadModel``, ``GPT2Model``): LayerNorm, learned positions, tied head,
+- ``gpt2`` (``GPT2LMHeadModel``): LayerNorm, learned positions, tied head,
   ``Conv1D`` projections (``(in, out)`` weights, transposed here) and the fused ``c_attn``.
   GPT-2 computes ``head_dim = hidden / heads``: heads and hidden grow together.
-- ``vit`` (``ViTForImageClassification``, ``ViTModel``): pre-LayerNorm encoder; a patch
+- ``vit`` (``ViTForImageClassification``): pre-LayerNorm encoder; a patch
   convolution, a class token and position embeddings write the stream.
 """
 
@@ -98,9 +98,8 @@ _BASES = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "tr
           "vit": "vit."}
 
 SUPPORTED = (
-    "LlamaForCausalLM, LlamaModel, Qwen2ForCausalLM, Qwen2Model, MistralForCausalLM, "
-    "MistralModel, GPT2LMHeadModel, GPT2Model, ViTForImageClassification, ViTModel, and "
-    "stablemorph.transformer.GPT"
+    "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, GPT2LMHeadModel, "
+    "ViTForImageClassification and stablemorph.transformer.GPT"
 )
 
 
@@ -120,10 +119,11 @@ def family_of(model: nn.Module) -> Family:
     base = _BASES[kind]
     base = base if any(k.startswith(base) for k in keys) else ""
     fam = _BUILDERS[kind](base)
-    if f"{fam.prefix}0.{fam.block['ln1.w']}" not in keys:
+    if f"{fam.prefix}0.{fam.block['ln1.w']}" not in keys or fam.glob["head.w"] not in keys:
         raise UnsupportedModel(
-            f"sm.grow: {type(model).__name__} has no {fam.prefix}0.{fam.block['ln1.w']}; "
-            f"supported: {SUPPORTED}")
+            f"sm.grow does not support {type(model).__name__} (no "
+            f"{fam.prefix}0.{fam.block['ln1.w']} or {fam.glob['head.w']}: sm.grow compares "
+            f"the logits of models with their head); supported: {SUPPORTED}")
     return fam
 
 

@@ -48,7 +48,7 @@ from stablemorph.morphs.contract import (
     model_dtype,
 )
 from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, append_record
-from stablemorph.verify import default_tolerance, verify
+from stablemorph.verify import default_tolerance, preserved_state, verify
 
 DEFAULT_OUT_SCALE = 0.1
 _DIMS = ("layers", "hidden", "heads", "kv_heads", "mlp")
@@ -73,9 +73,8 @@ def grow(
 
     Args:
         model: a supported Hugging Face model (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-            ``MistralForCausalLM``, ``GPT2LMHeadModel``, ``ViTForImageClassification``, and
-            their base ``*Model`` classes for causal LMs) or a
-            :class:`stablemorph.transformer.GPT`. Never modified.
+            ``MistralForCausalLM``, ``GPT2LMHeadModel``, ``ViTForImageClassification``) or
+            a :class:`stablemorph.transformer.GPT`. Never modified.
         layers: number of blocks; new identity blocks follow evenly spaced parent blocks.
         hidden: residual width (the stream is re-encoded: :mod:`stablemorph.hf.stream`).
         heads, kv_heads: query and key/value heads of every block; the head width stays
@@ -123,7 +122,7 @@ def grow(
     config = checked_config(model, fam, want, net.head_dim, points)
     probe = make_probe(model, fam.inputs, inputs, seed)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_state(model):
             Logits(model, probe).eval()()
     except Exception as err:
         raise MorphError(f"grow: the parent {type(model).__name__} failed on the probe "
@@ -323,9 +322,13 @@ def _grow_gpt(model: nn.Module, targets: dict[str, int | None], scheme: str, inp
     """The project's GPT: its own growths (:func:`stablemorph.transformer.grow`)."""
     from stablemorph.transformer.grow import grow as grow_gpt
 
-    if targets["kv_heads"] not in (None, targets["heads"] or model.config.n_head):
+    c = model.config
+    cur = {"layers": c.n_layer, "hidden": c.d_model, "heads": c.blocks[0].n_head,
+           "mlp": c.blocks[0].d_mlp}
+    if targets["kv_heads"] not in (None, targets["heads"] or cur["heads"]):
         raise MorphError("grow: stablemorph.transformer.GPT has one key/value head per query "
                          "head: kv_heads must equal heads")
+    targets = {k: None if v == cur.get(k) else v for k, v in targets.items()}
     if inputs is not None and not isinstance(inputs, torch.Tensor):
         raise MorphError("grow: the project's GPT takes integer token ids as inputs")
     try:
