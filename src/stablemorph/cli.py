@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--kernel-sizes", type=_positive_int, nargs=2, default=[3, 3],
                      metavar=("K1", "K2"))
     dec.add_argument("--methods", nargs="+", default=["stable", "netmorph", "net2net"])
+
+    from stablemorph.hf import cli as hf_cli  # the `grow` subcommand (Hugging Face folders)
+
+    hf_cli.add_parser(sub)
     return parser
 
 
@@ -460,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("demo", "experiment"):
             return _run_experiment(args, demo=args.command == "demo")
+        if args.command == "grow":
+            from stablemorph.hf import cli as hf_cli
+
+            return hf_cli.run(args)
         return _run_tool(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"stablemorph {args.command}: error: {err}", file=sys.stderr)
