@@ -63,3 +63,11 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+def bert(cls_name: str = "BertForSequenceClassification") -> nn.Module:
+    import transformers as tf
+
+    config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, vocab_size=100, max_position_embeddings=32)
+    return _trained_like(getattr(tf, cls_name)(config))

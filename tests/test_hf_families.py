@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import stablemorph as sm
 from stablemorph.transformer import GPT, GPTConfig
-from tests.hf_cases import _trained_like, assert_same_state, gpt2, snapshot, vit
+from tests.hf_cases import _trained_like, assert_same_state, bert, gpt2, snapshot, vit
 
 SCHEMES = ["stable", "net2net", "netmorph"]
 
@@ -104,3 +104,40 @@ def test_project_gpt_delegates_to_its_growths() -> None:
         sm.grow(parent, heads=4, kv_heads=2)
     with pytest.raises(sm.MorphError, match="n_layer=1 is not larger than the current 2"):
         sm.grow(parent, layers=1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bert_sequence_classification(scheme: str) -> None:
+    parent = bert()
+    before = snapshot(parent)
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    probe = {"input_ids": ids, "token_type_ids": types}
+    child = sm.grow(parent, hidden=64, mlp=128, scheme=scheme, inputs=probe)
+    assert (child.config.hidden_size, child.config.num_attention_heads) == (64, 8)
+    with torch.no_grad():
+        close(child(**probe).logits, parent(**probe).logits)
+    if scheme == "stable":  # the only zeros: copies of the parent's padding embedding row
+        rep = sm.last_report(child)
+        named = dict(child.named_parameters())
+        zeros = sum(int((named[n] == 0).sum()) for n in rep.changed)
+        assert zeros == int((named["bert.embeddings.word_embeddings.weight"] == 0).sum()) > 0
+        assert int((parent.bert.embeddings.word_embeddings.weight == 0).sum()) * 2 == zeros
+    assert_same_state(parent, before)
+
+
+def test_bert_model_outputs_and_refusals() -> None:
+    parent = bert("BertModel")
+    child = sm.grow(parent, heads=8, mlp=80)
+    ids = torch.randint(1, 100, (2, 7))
+    with torch.no_grad():
+        a, b = parent(ids), child(ids)
+    close(b.last_hidden_state[..., ::2], a.last_hidden_state)
+    close(b.pooler_output[..., ::2], a.pooler_output)
+    with pytest.raises(sm.MorphError, match=r"hidden=48: in a post-LayerNorm model .*multiples "
+                                            r"of 32\); nearest: \[64\]"):
+        sm.grow(parent, hidden=48, heads=6)
+    with pytest.raises(sm.MorphError, match=r"no exact identity layer exists in a "
+                                            r"post-LayerNorm model"):
+        sm.grow(parent, layers=3)

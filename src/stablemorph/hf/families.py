@@ -12,6 +12,8 @@ Supported (by ``config.model_type`` and class):
   GPT-2 computes ``head_dim = hidden / heads``: heads and hidden grow together.
 - ``vit`` (``ViTForImageClassification``): pre-LayerNorm encoder; a patch
   convolution, a class token and position embeddings write the stream.
+- ``bert`` (``BertModel``, ``BertForSequenceClassification``): post-LayerNorm encoder
+  (:mod:`stablemorph.hf.postln`: hidden size at multiples only, no depth), pooler.
 """
 
 from __future__ import annotations
@@ -92,14 +94,36 @@ def _vit(base: str) -> Family:
                   "pixels")
 
 
+def _bert(base: str) -> Family:
+    att = "attention."
+    block = {"o.w": f"{att}output.dense.weight", "o.b": f"{att}output.dense.bias",
+             "ln1.w": f"{att}output.LayerNorm.weight", "ln1.b": f"{att}output.LayerNorm.bias",
+             "up.w": "intermediate.dense.weight", "up.b": "intermediate.dense.bias",
+             "down.w": "output.dense.weight", "down.b": "output.dense.bias",
+             "ln2.w": "output.LayerNorm.weight", "ln2.b": "output.LayerNorm.bias"}
+    for r, name in (("q", "query"), ("k", "key"), ("v", "value")):
+        block |= {f"{r}.w": f"{att}self.{name}.weight", f"{r}.b": f"{att}self.{name}.bias"}
+    emb = f"{base}embeddings."
+    return Family("bert", f"{base}encoder.layer.", block,
+                  {"word": f"{emb}word_embeddings.weight",
+                   "pos": f"{emb}position_embeddings.weight",
+                   "type": f"{emb}token_type_embeddings.weight",
+                   "lne.w": f"{emb}LayerNorm.weight", "lne.b": f"{emb}LayerNorm.bias",
+                   "pool.w": f"{base}pooler.dense.weight", "pool.b": f"{base}pooler.dense.bias",
+                   "head.w": "classifier.weight", "head.b": "classifier.bias"},
+                  (("word", 1), ("pos", 1), ("type", 1)), "post-ln", True, "tokens")
+
+
 _BUILDERS: dict[str, Callable[[str], Family]] = {
-    **dict.fromkeys(LLAMA_TYPES, _llama), "gpt2": _gpt2, "vit": _vit}
+    **dict.fromkeys(LLAMA_TYPES, _llama), "gpt2": _gpt2, "vit": _vit, "bert": _bert}
 _BASES = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "transformer.",
-          "vit": "vit."}
+          "vit": "vit.", "bert": "bert."}
+_BERT_CLASSES = ("BertModel", "BertForSequenceClassification")
 
 SUPPORTED = (
     "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, GPT2LMHeadModel, "
-    "ViTForImageClassification and stablemorph.transformer.GPT"
+    "ViTForImageClassification, BertModel, BertForSequenceClassification and "
+    "stablemorph.transformer.GPT"
 )
 
 
@@ -111,7 +135,7 @@ def family_of(model: nn.Module) -> Family:
     """The :class:`Family` of ``model``, or :class:`UnsupportedModel` naming its class."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
-    if kind not in _BUILDERS or not hasattr(model, "state_dict"):
+    if kind not in _BUILDERS or (kind == "bert" and type(model).__name__ not in _BERT_CLASSES):
         raise UnsupportedModel(
             f"sm.grow does not support {type(model).__name__}"
             f"{f' (model_type {kind!r})' if kind else ''}; supported: {SUPPORTED}")
@@ -119,7 +143,8 @@ def family_of(model: nn.Module) -> Family:
     base = _BASES[kind]
     base = base if any(k.startswith(base) for k in keys) else ""
     fam = _BUILDERS[kind](base)
-    if f"{fam.prefix}0.{fam.block['ln1.w']}" not in keys or fam.glob["head.w"] not in keys:
+    has_head = fam.glob["head.w"] in keys or fam.name == "bert"
+    if f"{fam.prefix}0.{fam.block['ln1.w']}" not in keys or not has_head:
         raise UnsupportedModel(
             f"sm.grow does not support {type(model).__name__} (no "
             f"{fam.prefix}0.{fam.block['ln1.w']} or {fam.glob['head.w']}: sm.grow compares "

@@ -38,6 +38,8 @@ from stablemorph.hf.net import (
     insertion_points,
     kv_copies,
 )
+from stablemorph.hf.postln import check_width as postln_width
+from stablemorph.hf.postln import grow_hidden_postln
 from stablemorph.hf.probe import Logits, make_probe, probe_shape
 from stablemorph.hf.stream import StreamError, check_width, grow_hidden
 from stablemorph.hf.units import UnitError
@@ -133,7 +135,9 @@ def grow(
             grow_mlp(net, want["mlp"], scheme, gen, out_scale)
         if (want["heads"], want["kv_heads"]) != (net.n_head, net.n_kv):
             grow_heads(net, want["heads"], want["kv_heads"], scheme, gen, out_scale)
-        if want["hidden"] != net.d:
+        if want["hidden"] != net.d and net.norm == "post-ln":
+            grow_hidden_postln(net, want["hidden"], scheme, gen)
+        elif want["hidden"] != net.d:
             grow_hidden(net, want["hidden"], scheme, gen, out_scale)
         if want["layers"] != len(net.blocks):
             grow_layers(net, want["layers"], scheme, gen, out_scale)
@@ -192,9 +196,19 @@ def plan(model: nn.Module, fam: Family, net: Net, targets: dict[str, int | None]
             f"heads={h2}: {ok}")
     if want["hidden"] != cur["hidden"]:
         try:
-            check_width(net, want["hidden"], scheme)
+            if net.norm == "post-ln":
+                postln_width(net, want["hidden"])
+            else:
+                check_width(net, want["hidden"], scheme)
         except StreamError as err:
             raise MorphError(f"grow {name}: {err}") from None
+    if want["layers"] != cur["layers"] and net.norm == "post-ln":
+        raise MorphError(
+            f"grow {name}: no exact identity layer exists in a post-LayerNorm model: a new "
+            f"layer ends in LayerNorm(a + mlp(a)) with a = LayerNorm(x + attn(x)), and for "
+            f"a general weight and bias of the previous LayerNorm no choice of the new "
+            f"layer gives back x (stablemorph.hf.postln explains); grow hidden, heads or mlp "
+            f"instead, or keep layers={cur['layers']}")
     if want["layers"] != cur["layers"]:
         if scheme == "stable" and (h2 < 2 or want["mlp"] < 2):
             raise MorphError(
@@ -261,7 +275,9 @@ def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: di
             want: dict[str, int], scheme: str, seed: int, tol: float | None,
             out_scale: float, started: float) -> nn.Module:
     try:
-        check = verify(Logits(model, probe), Logits(child, probe), ())
+        k = net.d // sizes(model)["hidden"]
+        take = torch.arange(0, net.d, k) if net.norm == "post-ln" and k > 1 else None
+        check = verify(Logits(model, probe), Logits(child, probe, take), ())
     except Exception as err:
         raise MorphError(f"grow: the child {type(child).__name__} failed on the probe "
                          f"({type(err).__name__}: {err})") from err

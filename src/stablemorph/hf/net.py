@@ -72,11 +72,11 @@ def grow_mlp(net: Net, d_mlp: int, scheme: str, gen: torch.Generator, out_scale:
     """Grow every block's MLP to ``d_mlp`` units (in place)."""
     for blk in net.blocks:
         n_old = blk["down.w"].shape[1]
-        _mlp_units(blk, n_old, d_mlp - n_old, scheme, gen, out_scale, _stds(blk))
+        mlp_units(blk, n_old, d_mlp - n_old, scheme, gen, out_scale, _stds(blk))
     net.d_mlp = d_mlp
 
 
-def _mlp_units(blk: dict[str, Tensor], n_old: int, n_new: int, scheme: str,
+def mlp_units(blk: dict[str, Tensor], n_old: int, n_new: int, scheme: str,
                gen: torch.Generator, out_scale: float, std: dict[str, float]) -> None:
     incoming = {k: blk[k] for k in IN_MLP if k in blk}
     grown_in, grown_out = add_units(incoming, {"down.w": blk["down.w"]}, 1, [0] * n_old,
@@ -98,12 +98,12 @@ def grow_heads(net: Net, h2: int, kv2: int, scheme: str, gen: torch.Generator,
     """Grow every block to ``h2`` query heads and ``kv2`` key/value heads (in place); the head
     width stays ``net.head_dim``."""
     for blk in net.blocks:
-        _head_units(blk, net.n_head, net.n_kv, h2, kv2, net.head_dim, scheme, gen, out_scale,
+        head_units(blk, net.n_head, net.n_kv, h2, kv2, net.head_dim, scheme, gen, out_scale,
                     _stds(blk))
     net.n_head, net.n_kv = h2, kv2
 
 
-def _head_units(blk: dict[str, Tensor], h: int, kv: int, h2: int, kv2: int, hd: int,
+def head_units(blk: dict[str, Tensor], h: int, kv: int, h2: int, kv2: int, hd: int,
                 scheme: str, gen: torch.Generator, out_scale: float,
                 std: dict[str, float]) -> None:
     """Key/value slots first: each old key/value head is copied into ``c`` slots holding its
@@ -205,9 +205,9 @@ def grow_layers(net: Net, n_layer: int, scheme: str, gen: torch.Generator,
                 if k not in blk:  # an empty version of every unit tensor
                     blk[k] = v[:0] if k in IN_MLP + IN_Q + KV else (
                         v[:, :0] if k in ("o.w", "down.w") else v)
-            _head_units(blk, 0, 0, net.n_head, net.n_kv, net.head_dim, scheme, gen, out_scale,
+            head_units(blk, 0, 0, net.n_head, net.n_kv, net.head_dim, scheme, gen, out_scale,
                         std)
-            _mlp_units(blk, 0, net.d_mlp, scheme, gen, out_scale, std)
+            mlp_units(blk, 0, net.d_mlp, scheme, gen, out_scale, std)
             if "o.b" in blk:
                 cst = normal(blk["o.b"].shape, std["o.b"] * out_scale, gen)
                 blk["o.b"], blk["down.b"] = (cst, -cst) if scheme == "stable" else (
