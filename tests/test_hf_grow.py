@@ -147,3 +147,20 @@ def test_import_stablemorph_does_not_import_transformers() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_llama_with_output_biases_and_batch_encoding() -> None:
+    import transformers as tf
+
+    parent = llama(attention_bias=True, mlp_bias=True)
+    ids = torch.randint(0, 100, (2, 6))
+    enc = tf.BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    child = sm.grow(parent, layers=4, hidden=48, heads=6, mlp=80, inputs=enc)
+    assert sm.last_report(child).zero_fraction == 0.0
+    torch.testing.assert_close(logits(child, ids), logits(parent, ids), rtol=0,
+                               atol=1e-5 * logits(parent, ids).abs().max().item())
+    only_attn = llama(attention_bias=True)  # o_proj bias but no down_proj bias: it stays 0
+    child = sm.grow(only_attn, layers=3)
+    assert not child.model.layers[2].self_attn.o_proj.bias.any()  # the new block (last)
+    torch.testing.assert_close(logits(child, ids), logits(only_attn, ids), rtol=0,
+                               atol=1e-5 * logits(only_attn, ids).abs().max().item())

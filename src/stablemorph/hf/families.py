@@ -177,8 +177,8 @@ def sizes(model: nn.Module) -> dict[str, int]:
 
 
 def read(model: nn.Module, fam: Family) -> Net:
-    """The model's parameters as a :class:`Net` (float64 copies)."""
-    sd = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
+    """The model's parameters as a :class:`Net` (float64 copies on the CPU)."""
+    sd = {k: v.detach().to("cpu", torch.float64) for k, v in model.state_dict().items()}
     s = sizes(model)
     blocks = []
     for i in range(s["layers"]):

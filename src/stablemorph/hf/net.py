@@ -208,10 +208,13 @@ def grow_layers(net: Net, n_layer: int, scheme: str, gen: torch.Generator,
             head_units(blk, 0, 0, net.n_head, net.n_kv, net.head_dim, scheme, gen, out_scale,
                         std)
             mlp_units(blk, 0, net.d_mlp, scheme, gen, out_scale, std)
-            if "o.b" in blk:
+            if "o.b" in blk and "down.b" in blk and scheme == "stable":
                 cst = normal(blk["o.b"].shape, std["o.b"] * out_scale, gen)
-                blk["o.b"], blk["down.b"] = (cst, -cst) if scheme == "stable" else (
-                    torch.zeros_like(cst), torch.zeros_like(cst))
+                blk["o.b"], blk["down.b"] = cst, -cst
+            else:  # a single output bias (or none) must be zero for the identity
+                for k in ("o.b", "down.b"):
+                    if k in blk:
+                        blk[k] = torch.zeros_like(blk[k])
             for k in ("q.b", "k.b", "v.b", "up.b", "gate.b"):
                 if k in blk and scheme == "netmorph":  # fresh Linear biases start at zero
                     blk[k] = torch.zeros_like(blk[k])
