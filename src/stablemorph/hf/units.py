@@ -47,15 +47,6 @@ def cancelling_groups(n: int) -> list[list[int]]:
     return groups
 
 
-def zero_sum(cols: Tensor, count: int) -> Tensor:
-    """``count`` blocks of columns (``cols``: ``(rows, count * size)``) made to sum to zero
-    over the blocks: the last block is minus the sum of the others."""
-    size = cols.shape[1] // count
-    blocks = list(cols.split(size, dim=1))
-    blocks[-1] = -sum(blocks[:-1])
-    return torch.cat(blocks, 1)
-
-
 def add_units(
     incoming: dict[str, Tensor],
     outgoing: dict[str, Tensor],
@@ -76,74 +67,61 @@ def add_units(
     by their share (``net2net``, ``stable`` splits).
     """
     n_old, n_new = len(old_class), len(new_class)
-    new_in = {k: [_unit(v, 0, i, size) for i in range(n_old)] for k, v in incoming.items()}
-    out_old = {k: [_unit(v, 1, i, size) for i in range(n_old)] for k, v in outgoing.items()}
-    new_rows: dict[int, dict[str, Tensor]] = {}
-    new_cols: dict[int, dict[str, Tensor]] = {}
-    share = [1.0] * n_old
-    copies: dict[int, list[int]] = {}  # old unit -> new units copying it (with their shares)
-    split: dict[int, float] = {}
+    ins = {k: v.reshape(n_old, size, *v.shape[1:]) for k, v in incoming.items()}
+    outs = {k: v.reshape(v.shape[0], n_old, size) for k, v in outgoing.items()}
+    new_in = {k: torch.zeros(n_new, size, *v.shape[2:], dtype=torch.float64)
+              for k, v in ins.items()}
+    new_out = {k: torch.zeros(v.shape[0], n_new, size, dtype=torch.float64)
+               for k, v in outs.items()}
+    share = torch.ones(n_old, dtype=torch.float64)
+    copy_of = torch.full((n_new,), -1)  # the old unit a new unit copies
+    copy_share = torch.zeros(n_new, dtype=torch.float64)
+    classes = torch.tensor(list(new_class), dtype=torch.long)
+    old_cls = torch.tensor(list(old_class), dtype=torch.long)
     for cls in sorted(set(new_class)):
-        free = [u for u, c in enumerate(new_class) if c == cls]
-        olds = [u for u, c in enumerate(old_class) if c == cls]
+        free = (classes == cls).nonzero().flatten()
+        olds = (old_cls == cls).nonzero().flatten()
         if scheme == "netmorph":
-            for u in free:
-                new_rows[u] = {k: normal(_shape(v, 0, size), std[k], gen) for k, v in
-                               incoming.items()}
-                new_cols[u] = {k: torch.zeros(_shape(v, 1, size), dtype=torch.float64)
-                               for k, v in outgoing.items()}
+            for k, v in new_in.items():
+                v[free] = normal((len(free), *v.shape[1:]), std[k], gen)
         elif scheme == "net2net" or len(free) == 1:
-            if not olds:
+            if not len(olds):
                 raise UnitError("no existing unit to copy in this class")
-            for u in free:
-                j = olds[int(torch.randint(len(olds), (1,), generator=gen))]
-                copies.setdefault(j, []).append(u)
-                new_rows[u] = {k: v[0].clone() for k, v in _rows_of(new_in, j).items()}
-                if scheme == "stable":
-                    split[u] = 0.25 + 0.5 * float(torch.rand((), generator=gen,
-                                                             dtype=torch.float64))
-        else:  # stable, >= 2 free units: cancelling groups
-            for group in cancelling_groups(len(free)):
-                rows = {k: normal(_shape(v, 0, size), std[k], gen) for k, v in incoming.items()}
-                cols = {k: zero_sum(normal((v.shape[0], size * len(group)),
-                                           std[k] * out_scale, gen), len(group))
-                        for k, v in outgoing.items()}
-                for pos, g in enumerate(group):
-                    u = free[g]
-                    new_rows[u] = {k: r.clone() for k, r in rows.items()}
-                    new_cols[u] = {k: c[:, pos * size:(pos + 1) * size] for k, c in cols.items()}
-    for j, us in copies.items():
+            copy_of[free] = olds[torch.randint(len(olds), (len(free),), generator=gen)]
+            if scheme == "stable":  # one new unit: an unequal split
+                copy_share[free] = 0.25 + 0.5 * torch.rand(1, generator=gen,
+                                                          dtype=torch.float64)
+        else:  # stable, >= 2 free units: cancelling groups sharing incoming rows
+            groups = cancelling_groups(len(free))
+            member = torch.zeros(len(free), dtype=torch.long)
+            for g, group in enumerate(groups):
+                member[group] = g
+            for k, v in new_in.items():
+                rows = normal((len(groups), *v.shape[1:]), std[k], gen)
+                v[free] = rows[member]
+            last = torch.tensor([group[-1] for group in groups])
+            for k, v in new_out.items():
+                cols = normal((v.shape[0], len(free), size), std[k] * out_scale, gen)
+                cols[:, last] = 0.0
+                sums = torch.zeros(v.shape[0], len(groups), size, dtype=torch.float64)
+                sums.index_add_(1, member, cols)
+                cols[:, last] = -sums
+                v[:, free] = cols
+    copied = (copy_of >= 0).nonzero().flatten()
+    if len(copied):
+        src = copy_of[copied]
+        for k, v in new_in.items():
+            v[copied] = ins[k][src]
         if scheme == "net2net":
-            s = 1.0 / (1 + len(us))
-            share[j] = s
-            for u in us:
-                new_cols[u] = {k: v[j] * s for k, v in out_old.items()}
-        else:  # a stable split: one new unit per class, so one copy of j
-            (u,) = us
-            a = split[u]
-            share[j] = 1.0 - a
-            new_cols[u] = {k: v[j] * a for k, v in out_old.items()}
-    grown_in = {
-        k: torch.cat([*new_in[k], *(new_rows[u][k] for u in range(n_new))], 0)
-        if n_old + n_new else v for k, v in incoming.items()
-    }
-    grown_out = {
-        k: torch.cat([*(c * share[j] for j, c in enumerate(out_old[k])),
-                      *(new_cols[u][k] for u in range(n_new))], 1)
-        if n_old + n_new else v for k, v in outgoing.items()
-    }
+            count = 1.0 + torch.bincount(src, minlength=n_old).double()
+            share = 1.0 / count
+            copy_share[copied] = share[src]
+        else:  # stable splits: the old unit keeps 1 - a
+            share = share.index_put((src,), 1.0 - copy_share[copied])
+        for k, v in new_out.items():
+            v[:, copied] = outs[k][:, src] * copy_share[copied][None, :, None]
+    grown_in = {k: torch.cat([ins[k], new_in[k]], 0).reshape(-1, *incoming[k].shape[1:])
+                for k in incoming}
+    grown_out = {k: torch.cat([outs[k] * share[None, :, None], new_out[k]], 1)
+                 .reshape(outgoing[k].shape[0], -1) for k in outgoing}
     return grown_in, grown_out
-
-
-def _unit(t: Tensor, dim: int, i: int, size: int) -> Tensor:
-    return t.narrow(dim, i * size, size)
-
-
-def _rows_of(rows: dict[str, list[Tensor]], j: int) -> dict[str, list[Tensor]]:
-    return {k: [v[j]] for k, v in rows.items()}
-
-
-def _shape(t: Tensor, dim: int, size: int) -> tuple[int, ...]:
-    shape = list(t.shape)
-    shape[dim] = size
-    return tuple(shape)
