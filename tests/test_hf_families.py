@@ -141,3 +141,21 @@ def test_bert_model_outputs_and_refusals() -> None:
     with pytest.raises(sm.MorphError, match=r"no exact identity layer exists in a "
                                             r"post-LayerNorm model"):
         sm.grow(parent, layers=3)
+
+
+@pytest.mark.parametrize(("make", "growth", "auto"), [
+    (vit, {"hidden": 64, "heads": 8, "layers": 3}, "AutoModelForImageClassification"),
+    (gpt2, {"hidden": 64, "layers": 3}, "AutoModelForCausalLM"),
+    (bert, {"hidden": 64, "mlp": 96}, "AutoModelForSequenceClassification"),
+], ids=["vit", "gpt2", "bert"])
+def test_save_pretrained_round_trip(make: object, growth: dict[str, int], auto: str,
+                                    tmp_path: object) -> None:
+    import transformers as tf
+
+    parent = make()
+    sm.grow(parent, **growth).save_pretrained(tmp_path)
+    loaded = getattr(tf, auto).from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(parent)
+    x = torch.randn(2, 3, 16, 16) if make is vit else torch.randint(1, 100, (2, 6))
+    with torch.no_grad():
+        close(loaded(x).logits, parent(x).logits)

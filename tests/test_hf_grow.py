@@ -164,3 +164,21 @@ def test_llama_with_output_biases_and_batch_encoding() -> None:
     assert not child.model.layers[2].self_attn.o_proj.bias.any()  # the new block (last)
     torch.testing.assert_close(logits(child, ids), logits(only_attn, ids), rtol=0,
                                atol=1e-5 * logits(only_attn, ids).abs().max().item())
+
+
+def test_tied_uniform_final_norm_takes_a_dense_isometry() -> None:
+    parent = llama(tied=True)
+    with torch.no_grad():
+        parent.model.norm.weight.fill_(0.7)
+    child = sm.grow(parent, hidden=48)
+    torch.testing.assert_close(child.model.norm.weight.detach(),
+                               torch.full((48,), 0.7 * 32 / 48))
+    assert sm.last_report(child).zero_fraction == 0.0
+    ids = torch.randint(0, 100, (2, 6))
+    torch.testing.assert_close(logits(child, ids), logits(parent, ids), rtol=0,
+                               atol=1e-5 * logits(parent, ids).abs().max().item())
+    # every old coordinate is spread over all new ones (not one block of new ones each):
+    # child embedding = parent embedding @ A^T with A dense
+    a_t = torch.linalg.lstsq(parent.model.embed_tokens.weight.detach().double(),
+                             child.model.embed_tokens.weight.detach().double()).solution
+    assert (a_t.abs() > 1e-4).float().mean() > 0.9
