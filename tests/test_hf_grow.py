@@ -182,3 +182,12 @@ def test_tied_uniform_final_norm_takes_a_dense_isometry() -> None:
     a_t = torch.linalg.lstsq(parent.model.embed_tokens.weight.detach().double(),
                              child.model.embed_tokens.weight.detach().double()).solution
     assert (a_t.abs() > 1e-4).float().mean() > 0.9
+
+
+def test_frozen_parent_gives_frozen_child() -> None:
+    parent = llama()
+    for p in parent.parameters():
+        p.requires_grad_(False)
+    parent.lm_head.weight.requires_grad_(True)
+    child = sm.grow(parent, layers=3, mlp=80)
+    assert [n for n, p in child.named_parameters() if p.requires_grad] == ["lm_head.weight"]

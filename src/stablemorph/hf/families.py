@@ -270,11 +270,4 @@ def write(model: nn.Module, fam: Family, net: Net, config: object) -> nn.Module:
     if hasattr(model, "generation_config") and model.generation_config is not None:
         child.generation_config = copy.deepcopy(model.generation_config)
     child.train(model.training)
-    for name, p in child.named_parameters():
-        p.requires_grad_(_requires_grad(model, name))
     return child
-
-
-def _requires_grad(model: nn.Module, name: str) -> bool:
-    params = dict(model.named_parameters())
-    return params[name].requires_grad if name in params else True

@@ -287,6 +287,7 @@ def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: di
         raise MorphError(f"grow {type(model).__name__} (scheme {scheme!r}) does not preserve "
                          f"the logits: {modes} > tolerance {limit:.1e}")
     param_map = origins(model, child, fam, net)
+    _requires_grad(model, child, param_map, fam, net)
     named = dict(child.named_parameters())
     changed = [n for n, o in param_map.items() if o.source is None or o.index is not None]
     zeros, near = sparsity(*(named[n] for n in changed)) if changed else (0.0, 0.0)
@@ -318,6 +319,21 @@ def origins(model: nn.Module, child: nn.Module, fam: Family, net: Net
         q = parent.get(src) if src is not None else None
         out[name] = ParamOrigin(None) if q is None else _origin(src, q.detach(), p.detach())
     return out
+
+
+def _requires_grad(model: nn.Module, child: nn.Module, param_map: dict[str, ParamOrigin],
+                   fam: Family, net: Net) -> None:
+    """A child parameter is trainable like its source; a new block's like the block before
+    it (the one it was shaped after); anything else new like any parent parameter."""
+    parent = dict(model.named_parameters())
+    default = any(p.requires_grad for p in parent.values())
+    for name, p in child.named_parameters():
+        ref = parent.get(param_map[name].source or name)
+        if param_map[name].source is None and name.startswith(fam.prefix):
+            index, _, rest = name[len(fam.prefix):].partition(".")
+            olds = [s for s in net.source[:int(index) + 1] if s is not None] or [0]
+            ref = parent.get(f"{fam.prefix}{olds[-1]}.{rest}")
+        p.requires_grad_(ref.requires_grad if ref is not None else default)
 
 
 def _origin(src: str, q: torch.Tensor, p: torch.Tensor) -> ParamOrigin:
