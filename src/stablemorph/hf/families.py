@@ -18,6 +18,7 @@ Supported (by ``config.model_type`` and class):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,7 +253,13 @@ def write(model: nn.Module, fam: Family, net: Net, config: object) -> nn.Module:
         sd[fam.glob[r]] = v
     if net.tied:
         sd[fam.glob["head.w"]] = net.glob["embed"]
-    child = type(model)(config)
+    try:  # every tensor is overwritten below: skip transformers' random initialisation
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        child = type(model)(config)
+    child.tie_weights()  # (part of the initialisation skipped)
     child.to(device=ref.device, dtype=ref.dtype)
     state = child.state_dict()
     parent_state = model.state_dict()
