@@ -27,7 +27,8 @@ Schemes (``k = d'/d``):
   split ``1/k``. Multiples of ``d`` only.
 - ``netmorph``: RMSNorm: ``A = sqrt(k) [I; 0]`` (zero new coordinates), ``gamma' = (gamma, 1)``,
   reads of the new coordinates random; any ``d' > d``. LayerNorm: copies as ``net2net``,
-  read through the first copy only; multiples only.
+  read through the first copy only plus random reads of the directions the copies never
+  take (``R N^T``); multiples only.
 
 **Tied head** (logits ``= E (gamma_f * n + beta_f)`` with ``E`` the embedding, which is
 re-encoded to ``E A^T``): the final norm cannot be folded, and exactness needs
