@@ -112,3 +112,36 @@ def test_non_finite_parent_refused() -> None:
         parent.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(sm.MorphError, match=r"model.layers.0.mlp.up_proj.*non-finite"):
         sm.grow(parent, mlp=80)
+
+
+def test_child_failures_are_reported_as_the_childs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stablemorph.hf.growth as hf_grow
+
+    real_write = hf_grow.write
+
+    def failing(*args: object) -> torch.nn.Module:
+        child = real_write(*args)
+
+        def forward(**kwargs: object) -> None:
+            raise RuntimeError("boom")
+
+        child.forward = forward
+        return child
+
+    def inexact(*args: object) -> torch.nn.Module:
+        child = real_write(*args)
+        with torch.no_grad():
+            child.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+        return child
+
+    parent = llama()
+    before = snapshot(parent)
+    monkeypatch.setattr(hf_grow, "write", failing)
+    with pytest.raises(sm.MorphError, match=r"the child LlamaForCausalLM failed on the probe "
+                                            r"\(RuntimeError: boom\)"):
+        sm.grow(parent, mlp=80)
+    monkeypatch.setattr(hf_grow, "write", inexact)
+    with pytest.raises(sm.MorphError, match=r"does not preserve the logits: eval: max_rel="
+                                            r".*> tolerance 1.0e-05"):
+        sm.grow(parent, mlp=80)
+    assert_same_state(parent, before)

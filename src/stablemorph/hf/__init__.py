@@ -3,6 +3,6 @@
 Nothing here imports ``transformers``: the models passed in bring their classes along.
 """
 
-from stablemorph.hf.grow import grow
+from stablemorph.hf.growth import grow
 
 __all__ = ["grow"]
