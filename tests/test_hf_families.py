@@ -78,13 +78,16 @@ def test_vit_stable_hidden_at_any_width() -> None:
         sm.grow(parent, hidden=40, scheme="netmorph")
 
 
-def test_mistral() -> None:
+@pytest.mark.parametrize("kind", ["Mistral", "Qwen3"])
+def test_mistral_and_qwen3(kind: str) -> None:
     import transformers as tf
 
-    config = tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    parent = _trained_like(tf.MistralForCausalLM(config))
+    config = getattr(tf, f"{kind}Config")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, head_dim=8)
+    parent = _trained_like(getattr(tf, f"{kind}ForCausalLM")(config))
     child = sm.grow(parent, layers=3, hidden=48, heads=6, mlp=80)
+    assert sm.last_report(child).zero_fraction == 0.0
     ids = torch.randint(0, 100, (2, 6))
     with torch.no_grad():
         close(child(ids).logits, parent(ids).logits)

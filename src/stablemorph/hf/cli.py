@@ -10,8 +10,9 @@ from pathlib import Path
 from stablemorph.morphs.contract import SCHEMES
 
 # Classes the CLI may instantiate from a folder's config.json ("architectures").
-CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel",
-           "ViTForImageClassification")
+CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+           "GPT2LMHeadModel", "ViTForImageClassification", "BertModel",
+           "BertForSequenceClassification")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

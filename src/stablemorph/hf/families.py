@@ -3,8 +3,9 @@ grown one back as the same class with its config rewritten.
 
 Supported (by ``config.model_type`` and class):
 
-- ``llama``, ``qwen2``, ``mistral`` (``*ForCausalLM``): RMSNorm, RoPE, SwiGLU,
-  grouped-query attention, tied or untied head, optional q/k/v biases (Qwen2). The head
+- ``llama``, ``qwen2``, ``qwen3``, ``mistral`` (``*ForCausalLM``): RMSNorm, RoPE, SwiGLU,
+  grouped-query attention, tied or untied head, optional q/k/v biases (Qwen2), per-head
+  query/key RMSNorms (Qwen3: shared by the heads, so new heads use them unchanged). The head
   width is kept by writing ``head_dim`` into the config, so heads grow independently of the
   hidden size.
 - ``gpt2`` (``GPT2LMHeadModel``): LayerNorm, learned positions, tied head,
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from stablemorph.hf.net import Net, check_roles
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def _llama(base: str) -> Family:
         block |= {f"{r}.w": f"{att}{r}_proj.weight", f"{r}.b": f"{att}{r}_proj.bias"}
     for r in ("gate", "up", "down"):
         block |= {f"{r}.w": f"{mlp}{r}_proj.weight", f"{r}.b": f"{mlp}{r}_proj.bias"}
+    # Qwen3: RMSNorms over each query / key head (one weight shared by all heads)
+    block |= {"qn.w": f"{att}q_norm.weight", "kn.w": f"{att}k_norm.weight"}
     return Family("llama", f"{base}layers.", block,
                   {"embed": f"{base}embed_tokens.weight", "lnf.w": f"{base}norm.weight",
                    "head.w": "lm_head.weight"}, (("embed", 1),), "rms", False, "tokens")
@@ -117,13 +120,13 @@ def _bert(base: str) -> Family:
 
 _BUILDERS: dict[str, Callable[[str], Family]] = {
     **dict.fromkeys(LLAMA_TYPES, _llama), "gpt2": _gpt2, "vit": _vit, "bert": _bert}
-_BASES = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "transformer.",
-          "vit": "vit.", "bert": "bert."}
+_BASES = {**dict.fromkeys(LLAMA_TYPES, "model."), "gpt2": "transformer.", "vit": "vit.",
+          "bert": "bert."}
 _BERT_CLASSES = ("BertModel", "BertForSequenceClassification")
 
 SUPPORTED = (
-    "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, GPT2LMHeadModel, "
-    "ViTForImageClassification, BertModel, BertForSequenceClassification and "
+    "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, "
+    "GPT2LMHeadModel, ViTForImageClassification, BertModel, BertForSequenceClassification and "
     "stablemorph.transformer.GPT"
 )
 

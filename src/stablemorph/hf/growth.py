@@ -75,8 +75,10 @@ def grow(
 
     Args:
         model: a supported Hugging Face model (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-            ``MistralForCausalLM``, ``GPT2LMHeadModel``, ``ViTForImageClassification``) or
-            a :class:`stablemorph.transformer.GPT`. Never modified.
+            ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``GPT2LMHeadModel``,
+            ``ViTForImageClassification``, ``BertModel``,
+            ``BertForSequenceClassification``) or a :class:`stablemorph.transformer.GPT`.
+            Never modified.
         layers: number of blocks; new identity blocks follow evenly spaced parent blocks.
         hidden: residual width (the stream is re-encoded: :mod:`stablemorph.hf.stream`).
         heads, kv_heads: query and key/value heads of every block; the head width stays
