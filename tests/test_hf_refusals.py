@@ -22,6 +22,8 @@ from tests.hf_cases import assert_same_state, gpt2, llama, snapshot
                    "kv_heads=2, or kv_heads in \\[5\\] with heads=5"),
     ({"mlp": 80.5}, "mlp=80.5 is not an integer"),
     ({"mlp": 80, "scheme": "copy"}, "unknown scheme 'copy'"),
+    ({"mlp": 80, "out_scale": 0.0}, "out_scale=0.0 must be a finite number > 0"),
+    ({"mlp": 80, "seed": 1.5}, "seed=1.5 is not an integer"),
     ({"hidden": 40, "scheme": "net2net"}, "hidden=40: net2net .* nearest: 64"),
 ])
 def test_llama_refusals_leave_parent_untouched(kwargs: dict, message: str) -> None:

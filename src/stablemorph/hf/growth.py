@@ -13,6 +13,7 @@ through :class:`stablemorph.hf.probe.Logits`), and it gets one
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -110,6 +111,11 @@ def grow(
                "mlp": mlp}
     if scheme not in SCHEMES:
         raise MorphError(f"grow: unknown scheme {scheme!r}; choose one of {SCHEMES}")
+    if not (isinstance(out_scale, int | float) and math.isfinite(out_scale) and out_scale > 0):
+        raise MorphError(f"grow: out_scale={out_scale!r} must be a finite number > 0 (the "
+                         f"scale of stable's new output weights; 0 would make them zeros)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MorphError(f"grow: seed={seed!r} is not an integer")
     if isinstance(model, GPT):
         return _grow_gpt(model, targets, scheme, inputs, seed, tol, out_scale)
     try:
