@@ -46,11 +46,11 @@ def gpt2() -> nn.Module:
     return _trained_like(tf.GPT2LMHeadModel(config))
 
 
-def vit() -> nn.Module:
+def vit(**kw: object) -> nn.Module:
     import transformers as tf
 
     config = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, image_size=16, patch_size=4, num_labels=3)
+                          intermediate_size=64, image_size=16, patch_size=4, num_labels=3, **kw)
     return _trained_like(tf.ViTForImageClassification(config))
 
 

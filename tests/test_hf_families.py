@@ -67,12 +67,14 @@ def test_vit(growth: dict[str, int], scheme: str) -> None:
         assert sm.last_report(child).zero_fraction == 0.0
 
 
-def test_vit_stable_hidden_at_any_width() -> None:
-    parent = vit()
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_vit_stable_hidden_at_any_width(qkv_bias: bool) -> None:
+    parent = vit(qkv_bias=qkv_bias)  # without q/k/v biases the LayerNorm bias re-encodes alone
     child = sm.grow(parent, hidden=40)
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         close(child(pixels).logits, parent(pixels).logits)
+    assert sm.last_report(child).zero_fraction == 0.0
     with pytest.raises(sm.MorphError, match=r"netmorph's zero or copied coordinates keep a "
                                             r"LayerNorm's mean and variance only at multiples"):
         sm.grow(parent, hidden=40, scheme="netmorph")

@@ -16,7 +16,9 @@ child reads exactly what the parent reads when ``n'(A x) = A n(x)`` for *every* 
 ``W' = W D + R N^T diag(gamma')^-1`` and ``D = diag(gamma) A^+ diag(gamma')^-1`` (``A^+ = A^T
 d/d'``, so ``D diag(gamma') A = diag(gamma)``: the norm weight is folded into its readers),
 ``N`` an orthonormal basis of ``range(A)^perp`` (the normalised stream never has a component
-there, so the random reads ``R`` change nothing yet) and ``b' = b + W beta - W' beta'``.
+there, so the random reads ``R`` change nothing yet) and ``beta' = gamma' * A (beta / gamma)``
+(then ``W' beta' = W beta``: reader biases stay; where ``gamma`` has exact zeros, ``beta'`` is
+``A beta / sqrt(d'/d)`` and the reader's bias absorbs ``W beta - W' beta'``).
 
 Schemes (``k = d'/d``):
 
@@ -171,7 +173,13 @@ def _fold(tensors: dict[str, Tensor], ln: str, readers: tuple[str, ...], a: Tens
     if scheme == "stable":
         g_rms = rms(gamma)
         gamma_new = torch.full((d_new,), g_rms if g_rms > 0 else 1.0, dtype=torch.float64)
-        beta_new = a @ beta / math.sqrt(ratio) if beta is not None else None
+        beta_new = None
+        if beta is not None and bool((gamma != 0).all()):
+            # W' beta' = W beta exactly: W D diag(gamma') A (beta / gamma) = W beta, and
+            # the random reads see nothing (N^T A = 0); reader biases stay
+            beta_new = gamma_new * (a @ (beta / gamma))
+        elif beta is not None:
+            beta_new = a @ beta / math.sqrt(ratio)
         decode = gamma[:, None] * a.T / ratio / gamma_new
     else:
         dup = a.abs().argmax(1)
@@ -196,9 +204,13 @@ def _fold(tensors: dict[str, Tensor], ln: str, readers: tuple[str, ...], a: Tens
         if scheme != "net2net" and n.shape[1]:
             scale = rms(w) * (out_scale if scheme == "stable" else 1.0)
             w_new = w_new + normal((w.shape[0], n.shape[1]), scale, gen) @ n.T / gamma_new
-        if beta is not None:
-            b = tensors.get(f"{r}.b", torch.zeros(w.shape[0], dtype=torch.float64))
-            tensors[f"{r}.b"] = b + w @ beta - w_new @ beta_new
+        if beta is not None and scheme == "stable" and not bool((gamma != 0).all()):
+            if f"{r}.b" not in tensors:
+                raise StreamError(
+                    f"the LayerNorm {ln!r} has weights that are exactly 0 and its reader "
+                    f"{r!r} has no bias to absorb the shift of the re-encoded LayerNorm bias; "
+                    f"use a multiple of the width with scheme='net2net'")
+            tensors[f"{r}.b"] = tensors[f"{r}.b"] + w @ beta - w_new @ beta_new
         tensors[f"{r}.w"] = w_new
 
 
