@@ -80,12 +80,15 @@ def grow(
             ``ViTForImageClassification``, ``BertModel``,
             ``BertForSequenceClassification``) or a :class:`stablemorph.transformer.GPT`.
             Never modified.
-        layers: number of blocks; new identity blocks follow evenly spaced parent blocks.
-        hidden: residual width (the stream is re-encoded: :mod:`stablemorph.hf.stream`).
+        layers: number of blocks; new identity blocks follow evenly spaced parent blocks
+            (refused for post-LayerNorm BERT: no exact identity layer exists there).
+        hidden: residual width (the stream is re-encoded: :mod:`stablemorph.hf.stream`,
+            :mod:`stablemorph.hf.postln`).
         heads, kv_heads: query and key/value heads of every block; the head width stays
-            (written into the config as ``head_dim`` where the class reads it; GPT-2 derives
-            it from ``hidden / heads``, so there heads and hidden grow together: give one and
-            the other follows, or both consistently). ``kv_heads`` defaults to the current
+            (written into the config as ``head_dim`` where the class reads it; GPT-2 and BERT
+            derive it from ``hidden / heads``, so there heads and hidden grow together: give
+            one and the other follows, or both consistently; Llama's config also wants heads
+            to divide hidden). ``kv_heads`` defaults to the current
             count (grouped-query models) or ``heads`` (multi-head models).
         mlp: MLP width (``intermediate_size``; GPT-2's ``n_inner``).
         scheme: ``"stable"`` (dense: cancelling groups, dense re-encodings), ``"net2net"``
