@@ -21,16 +21,20 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("growth", [{"mlp": 160}, {"layers": 3}, {"heads": 8},
-                                    {"layers": 4, "hidden": 64, "mlp": 256}],
+                                    {"layers": 4, "hidden": 64, "mlp": 256},
+                                    {"hidden": 64, "heads": 4}, {"hidden": 96, "heads": 8}],
                          ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
 def test_gpt2(growth: dict[str, int], scheme: str) -> None:
     parent = gpt2()
     before = snapshot(parent)
     child = sm.grow(parent, scheme=scheme, **growth)
     c = child.config
-    assert c.n_embd // c.n_head == 8  # head_dim kept: heads and hidden grow together
-    if "heads" in growth:
+    if "heads" not in growth:  # head_dim kept: heads follow hidden
+        assert c.n_embd // c.n_head == 8
+    elif "hidden" not in growth:  # hidden follows heads
         assert (c.n_head, c.n_embd) == (8, 64)
+    else:  # both given: the heads widen (head_dim = hidden / heads grows)
+        assert (c.n_head, c.n_embd) == (growth["heads"], growth["hidden"])
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         close(child(ids).logits, parent(ids).logits)
@@ -119,8 +123,8 @@ def test_bert_sequence_classification(scheme: str) -> None:
     types = torch.zeros_like(ids)
     types[:, 5:] = 1
     probe = {"input_ids": ids, "token_type_ids": types}
-    child = sm.grow(parent, hidden=64, mlp=128, scheme=scheme, inputs=probe)
-    assert (child.config.hidden_size, child.config.num_attention_heads) == (64, 8)
+    child = sm.grow(parent, hidden=96, heads=8, mlp=128, scheme=scheme, inputs=probe)
+    assert (child.config.hidden_size, child.config.num_attention_heads) == (96, 8)
     with torch.no_grad():
         close(child(**probe).logits, parent(**probe).logits)
     if scheme == "stable":  # the only zeros: copies of the parent's padding embedding row
@@ -128,7 +132,7 @@ def test_bert_sequence_classification(scheme: str) -> None:
         named = dict(child.named_parameters())
         zeros = sum(int((named[n] == 0).sum()) for n in rep.changed)
         assert zeros == int((named["bert.embeddings.word_embeddings.weight"] == 0).sum()) > 0
-        assert int((parent.bert.embeddings.word_embeddings.weight == 0).sum()) * 2 == zeros
+        assert int((parent.bert.embeddings.word_embeddings.weight == 0).sum()) * 3 == zeros
     assert_same_state(parent, before)
 
 

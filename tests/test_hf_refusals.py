@@ -56,12 +56,14 @@ def test_kv_groups_that_cannot_hold_the_old_ones() -> None:
 def test_gpt2_heads_and_hidden_move_together() -> None:
     parent = gpt2()
     before = snapshot(parent)
-    with pytest.raises(sm.MorphError, match=r"head_dim = hidden / heads = 8, which must stay: "
-                                            r"heads=8 needs hidden=64; hidden=48 needs heads=6"):
+    with pytest.raises(sm.MorphError, match=r"head_dim = hidden / heads, which cannot shrink "
+                                            r"below 8 nor be fractional: heads=8 needs hidden "
+                                            r"in 64, 72, ...; hidden=48 takes heads <= 6"):
         sm.grow(parent, heads=8, hidden=48)
-    with pytest.raises(sm.MorphError, match=r"hidden=44 is not a multiple of 8; nearest: "
-                                            r"hidden in \[40, 48\]"):
-        sm.grow(parent, hidden=44)
+    with pytest.raises(sm.MorphError, match=r"hidden=42 is neither a multiple of 8 \(heads "
+                                            r"follow\) nor of heads=4 \(heads widen\); "
+                                            r"nearest: hidden in \[40, 44, 48\]"):
+        sm.grow(parent, hidden=42)
     # hidden 48 would keep head_dim, but a tied head after a LayerNorm needs copies
     with pytest.raises(sm.MorphError, match=r"tied to the embedding.*multiples of 32.*nearest: "
                                             r"64"):

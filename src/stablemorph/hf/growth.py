@@ -1,14 +1,16 @@
 """``sm.grow``: grow a Hugging Face model (or the project's GPT) to target sizes, exactly.
 
-Order: MLP width, heads, hidden size, depth (new blocks are shaped at the final sizes). The
-whole growth is one morph under the project's contract (:mod:`stablemorph.morphs.contract`):
-the parent is never modified, the child is checked on a probe in eval and train mode (logits,
-through :class:`stablemorph.hf.probe.Logits`), and it gets one
+Order: MLP width, heads, head width (GPT-2, BERT), hidden size, depth (new blocks are
+shaped at the final sizes). The whole growth is one morph under the project's contract
+(:mod:`stablemorph.morphs.contract`'s checks, :func:`stablemorph.verify.verify`, the
+record): the parent is never modified; the child is checked on a probe in eval and train
+mode (its logits, through :class:`stablemorph.hf.probe.Logits`); it gets one
 :class:`~stablemorph.record.MorphRecord` whose ``param_map`` has a
 :class:`~stablemorph.record.ParamOrigin` for every child parameter (so
 :func:`stablemorph.transfer_optimizer` works). How each growth stays exact:
-:mod:`stablemorph.hf.units` (MLP units, heads), :mod:`stablemorph.hf.stream` (hidden size),
-:func:`stablemorph.hf.net.grow_layers` (identity blocks).
+:mod:`stablemorph.hf.units` (MLP units, heads, head width), :mod:`stablemorph.hf.stream`
+and :mod:`stablemorph.hf.postln` (hidden size), :func:`stablemorph.hf.net.grow_layers`
+(identity blocks).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from stablemorph.hf.families import (
 )
 from stablemorph.hf.net import (
     Net,
+    grow_head_dim,
     grow_heads,
     grow_layers,
     grow_mlp,
@@ -85,10 +88,12 @@ def grow(
         hidden: residual width (the stream is re-encoded: :mod:`stablemorph.hf.stream`,
             :mod:`stablemorph.hf.postln`).
         heads, kv_heads: query and key/value heads of every block; the head width stays
-            (written into the config as ``head_dim`` where the class reads it; GPT-2 and BERT
-            derive it from ``hidden / heads``, so there heads and hidden grow together: give
-            one and the other follows, or both consistently; Llama's config also wants heads
-            to divide hidden). ``kv_heads`` defaults to the current
+            (written into the config as ``head_dim`` where the class reads it). GPT-2 and
+            BERT derive it from ``hidden / heads``: heads given alone take hidden along,
+            hidden alone takes heads along when it is a multiple of the head width and
+            otherwise widens the heads (:func:`stablemorph.hf.net.grow_head_dim`), both
+            given widen the heads to ``hidden / heads``. Llama's config also wants heads to
+            divide hidden. ``kv_heads`` defaults to the current
             count (grouped-query models) or ``heads`` (multi-head models).
         mlp: MLP width (``intermediate_size``; GPT-2's ``n_inner``).
         scheme: ``"stable"`` (dense: cancelling groups, dense re-encodings), ``"net2net"``
@@ -146,6 +151,9 @@ def grow(
             grow_mlp(net, want["mlp"], scheme, gen, out_scale)
         if (want["heads"], want["kv_heads"]) != (net.n_head, net.n_kv):
             grow_heads(net, want["heads"], want["kv_heads"], scheme, gen, out_scale)
+        if fam.fixed_head_dim and want["hidden"] // want["heads"] != net.head_dim:
+            grow_head_dim(net, want["hidden"] // want["heads"], scheme, gen, out_scale,
+                          scaled=getattr(model.config, "scale_attn_weights", True))
         if want["hidden"] != net.d and net.norm == "post-ln":
             grow_hidden_postln(net, want["hidden"], scheme, gen)
         elif want["hidden"] != net.d:
@@ -262,24 +270,31 @@ def checked_config(model: nn.Module, fam: Family, want: dict[str, int], head_wid
 
 def _heads_follow_hidden(name: str, cur: dict[str, int], targets: dict[str, int | None],
                          want: dict[str, int], hd: int) -> None:
-    """Families deriving ``head_dim = hidden / heads``: keep ``head_dim`` by growing heads
-    and hidden together."""
+    """Families deriving ``head_dim = hidden / heads``: heads given alone take hidden along
+    (``heads * head_dim``); hidden given alone takes heads along when it is a multiple of
+    ``head_dim``, else the heads stay and widen (``hidden / heads``); both given must divide
+    into a head width of at least the current one."""
     heads, hidden = targets["heads"], targets["hidden"]
     if heads is not None and hidden is None:
         want["hidden"] = heads * hd
     elif hidden is not None and heads is None:
-        if hidden % hd:
-            lo, hi = (hidden // hd) * hd, (hidden // hd + 1) * hd
-            near = [v for v in (lo, hi) if v > cur["hidden"]]
+        if hidden % hd == 0:
+            want["heads"] = hidden // hd
+        elif hidden % cur["heads"]:
+            near = sorted({(hidden // hd) * hd, (hidden // hd + 1) * hd,
+                           (hidden // cur["heads"]) * cur["heads"],
+                           (hidden // cur["heads"] + 1) * cur["heads"]} - {hidden})
             raise MorphError(
-                f"grow: {name} derives head_dim = hidden / heads = {hd}; hidden={hidden} is "
-                f"not a multiple of {hd}; nearest: hidden in {near} (heads follow)")
-        want["heads"] = hidden // hd
-    elif heads is not None and hidden is not None and heads * hd != hidden:
+                f"grow: {name} derives head_dim = hidden / heads (now {hd}); hidden={hidden} "
+                f"is neither a multiple of {hd} (heads follow) nor of heads={cur['heads']} "
+                f"(heads widen); nearest: hidden in "
+                f"{[v for v in near if v > cur['hidden']]}")
+    elif heads is not None and hidden is not None and (hidden % heads or hidden // heads < hd):
         raise MorphError(
-            f"grow: {name} derives head_dim = hidden / heads = {hd}, which must stay: "
-            f"heads={heads} needs hidden={heads * hd}; hidden={hidden} needs "
-            f"heads={hidden / hd:g}")
+            f"grow: {name} derives head_dim = hidden / heads, which cannot shrink below {hd} "
+            f"nor be fractional: heads={heads} needs hidden in {heads * hd}, "
+            f"{heads * (hd + 1)}, ...; hidden={hidden} takes heads <= {hidden // hd} "
+            f"dividing it")
 
 
 def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: dict,

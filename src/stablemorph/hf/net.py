@@ -229,3 +229,49 @@ def check_roles(blocks: Sequence[dict[str, Tensor]]) -> None:
     for i, b in enumerate(blocks):
         if set(b) != roles:
             raise RuntimeError(f"internal: block {i} has roles {sorted(b)} != {sorted(roles)}")
+
+
+def grow_head_dim(net: Net, hd2: int, scheme: str, gen: torch.Generator, out_scale: float,
+                  scaled: bool) -> None:
+    """Widen every head from ``net.head_dim`` to ``hd2`` dims (in place), for classes that
+    derive ``head_dim = hidden / heads`` (GPT-2, BERT).
+
+    A head's score is ``sum_j q_j k_j`` over its dims: each key dim ``k_j`` is a unit whose
+    incoming row is the key row and whose *outgoing* weight is the query row, so new dims
+    follow :func:`~stablemorph.hf.units.add_units` (``stable``: groups sharing a key row with
+    query rows summing to zero; ``net2net``: a copied key dim splitting the query row;
+    ``netmorph``: zero query rows); value dims likewise with the output projection's
+    columns. With ``scaled`` (scores divided by ``sqrt(head_dim)``) the queries are then
+    multiplied by ``sqrt(hd2 / head_dim)``.
+    """
+    hd = net.head_dim
+    m = hd2 - hd
+    for blk in net.blocks:
+        std = _stds(blk)
+        h = blk["q.w"].shape[0] // hd
+        parts: dict[str, list[Tensor]] = {k: [] for k in ("q.w", "q.b", "k.w", "k.b", "v.w",
+                                                          "v.b", "o.w") if k in blk}
+        for i in range(h):
+            rows = slice(i * hd, (i + 1) * hd)
+            k_in = {k: blk[k][rows] for k in ("k.w", "k.b") if k in blk}
+            q_out = {"q.w": blk["q.w"][rows].T}
+            if "q.b" in blk:
+                q_out["q.b"] = blk["q.b"][rows][None, :]
+            k_new, q_new = add_units(k_in, q_out, 1, [0] * hd, [0] * m, scheme, gen, std,
+                                     out_scale)
+            v_in = {k: blk[k][rows] for k in ("v.w", "v.b") if k in blk}
+            v_new, o_new = add_units(v_in, {"o.w": blk["o.w"][:, rows]}, 1, [0] * hd,
+                                     [0] * m, scheme, gen, std, out_scale)
+            for k, v in (*k_new.items(), *v_new.items()):
+                parts[k].append(v)
+            parts["q.w"].append(q_new["q.w"].T)
+            if "q.b" in blk:
+                parts["q.b"].append(q_new["q.b"][0])
+            parts["o.w"].append(o_new["o.w"])
+        for k, v in parts.items():
+            blk[k] = torch.cat(v, 1 if k == "o.w" else 0)
+        if scaled:
+            for k in ("q.w", "q.b"):
+                if k in blk:
+                    blk[k] = blk[k] * math.sqrt(hd2 / hd)
+    net.head_dim = hd2
