@@ -191,3 +191,15 @@ def test_frozen_parent_gives_frozen_child() -> None:
     parent.lm_head.weight.requires_grad_(True)
     child = sm.grow(parent, layers=3, mlp=80)
     assert [n for n, p in child.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+
+
+def test_untied_weights_under_a_tying_config() -> None:
+    parent = llama(tied=True)
+    parent.lm_head.weight = torch.nn.Parameter(parent.lm_head.weight.detach() * 1.5)
+    assert parent.config.tie_word_embeddings
+    child = sm.grow(parent, hidden=48)
+    assert not child.config.tie_word_embeddings
+    assert child.lm_head.weight is not child.model.embed_tokens.weight
+    ids = torch.randint(0, 100, (2, 6))
+    torch.testing.assert_close(logits(child, ids), logits(parent, ids), rtol=0,
+                               atol=1e-5 * logits(parent, ids).abs().max().item())

@@ -165,6 +165,13 @@ def tied(model: nn.Module) -> bool:
     return out is not None and inp is not None and out.weight is inp.weight
 
 
+def _has_output_embeddings(model: nn.Module) -> bool:
+    try:
+        return model.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
+
+
 def head_dim(model: nn.Module) -> int:
     c = model.config
     hd = getattr(c, "head_dim", None)
@@ -222,6 +229,8 @@ def child_config(model: nn.Module, fam: Family, want: dict[str, int], head_width
     """The parent's config rewritten to the sizes ``want`` (``points``: where new blocks go,
     for per-layer config lists such as ``layer_types``)."""
     config = copy.deepcopy(model.config)
+    if hasattr(config, "tie_word_embeddings") and _has_output_embeddings(model):
+        config.tie_word_embeddings = tied(model)  # what the weights are, whatever it said
     config.hidden_size = want["hidden"]
     config.num_hidden_layers = want["layers"]
     config.num_attention_heads = want["heads"]
