@@ -126,6 +126,10 @@ def test_optimizer_transfer_and_origins() -> None:
                                ["exp_avg"])
     child(torch.randint(0, 100, (2, 6))).logits.square().mean().backward()
     new_opt.step()
+    # a second growth of the child: history carried over, the optimiser follows again
+    grandchild = sm.grow(child, hidden=48)
+    assert [r.kwargs["hidden"] for r in sm.history(grandchild)] == [32, 48]
+    sm.transfer_optimizer(new_opt, child, grandchild)
 
 
 def test_probes_dict_ids_and_mask() -> None:

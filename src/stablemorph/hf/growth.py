@@ -53,7 +53,7 @@ from stablemorph.morphs.contract import (
     check_model,
     model_dtype,
 )
-from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, append_record
+from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, append_record, history
 from stablemorph.verify import default_tolerance, preserved_state, verify
 
 DEFAULT_OUT_SCALE = 0.1
@@ -325,6 +325,8 @@ def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: di
         param_map=param_map, seconds=time.perf_counter() - started, notes=notes)
     kwargs = {**want, "scheme": scheme, "seed": seed, "out_scale": out_scale,
               "input_shape": probe_shape(probe)}
+    for record in history(model):  # the child is a new object: carry the parent's history
+        append_record(child, record)
     append_record(child, MorphRecord("grow", type(model).__name__, kwargs, report))
     return child
 
