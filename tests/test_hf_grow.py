@@ -207,3 +207,11 @@ def test_untied_weights_under_a_tying_config() -> None:
     ids = torch.randint(0, 100, (2, 6))
     torch.testing.assert_close(logits(child, ids), logits(parent, ids), rtol=0,
                                atol=1e-5 * logits(parent, ids).abs().max().item())
+
+
+def test_gradient_checkpointing_and_train_mode_carried_over() -> None:
+    parent = llama()
+    parent.gradient_checkpointing_enable()
+    parent.train()
+    child = sm.grow(parent, layers=3)
+    assert child.is_gradient_checkpointing and child.training and parent.training

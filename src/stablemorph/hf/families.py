@@ -289,4 +289,6 @@ def write(model: nn.Module, fam: Family, net: Net, config: object) -> nn.Module:
     if hasattr(model, "generation_config") and model.generation_config is not None:
         child.generation_config = copy.deepcopy(model.generation_config)
     child.train(model.training)
+    if getattr(model, "is_gradient_checkpointing", False):
+        child.gradient_checkpointing_enable()
     return child
