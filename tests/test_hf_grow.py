@@ -211,7 +211,7 @@ def test_untied_weights_under_a_tying_config() -> None:
 
 def test_gradient_checkpointing_and_train_mode_carried_over() -> None:
     parent = llama()
-    parent.gradient_checkpointing_enable()
+    parent.activation_checkpointing_enable()
     parent.train()
     child = sm.grow(parent, layers=3)
-    assert child.is_gradient_checkpointing and child.training and parent.training
+    assert child.is_activation_checkpointing and child.training and parent.training

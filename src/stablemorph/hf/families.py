@@ -289,6 +289,11 @@ def write(model: nn.Module, fam: Family, net: Net, config: object) -> nn.Module:
     if hasattr(model, "generation_config") and model.generation_config is not None:
         child.generation_config = copy.deepcopy(model.generation_config)
     child.train(model.training)
-    if getattr(model, "is_gradient_checkpointing", False):
-        child.gradient_checkpointing_enable()
+    new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5
+    if getattr(model, "is_activation_checkpointing" if new_api else
+               "is_gradient_checkpointing", False):
+        if new_api:
+            child.activation_checkpointing_enable()
+        else:
+            child.gradient_checkpointing_enable()
     return child
