@@ -114,7 +114,8 @@ def test_optimizer_transfer_and_origins() -> None:
     rep = sm.last_report(child)
     assert set(rep.param_map) == {n for n, _ in child.named_parameters()}
     # block 1 of the child is a new block; block 2 is the parent's block 1, unchanged in place
-    assert rep.param_map["model.layers.1.self_attn.q_proj.weight"].is_fresh
+    new_q = rep.param_map["model.layers.1.self_attn.q_proj.weight"]
+    assert new_q.is_fresh and new_q.stand_in == "model.layers.0.self_attn.q_proj.weight"
     assert rep.param_map["model.layers.2.self_attn.q_proj.weight"].source == \
         "model.layers.1.self_attn.q_proj.weight"
     up = rep.param_map["model.layers.2.mlp.up_proj.weight"]

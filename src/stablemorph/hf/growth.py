@@ -313,7 +313,7 @@ def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: di
         raise MorphError(f"grow {type(model).__name__} (scheme {scheme!r}) does not preserve "
                          f"the logits: {modes} > tolerance {limit:.1e}")
     param_map = origins(model, child, fam, net)
-    _requires_grad(model, child, param_map, fam, net)
+    _requires_grad(model, child, param_map)
     named = dict(child.named_parameters())
     changed = [n for n, o in param_map.items() if o.source is None or o.index is not None]
     zeros, near = sparsity(*(named[n] for n in changed)) if changed else (0.0, 0.0)
@@ -335,38 +335,43 @@ def origins(model: nn.Module, child: nn.Module, fam: Family, net: Net
             ) -> dict[str, ParamOrigin]:
     """A :class:`ParamOrigin` for every child parameter: the parent's parameter (the same
     block's, for blocks that moved) when unchanged; indexed when the parent's tensor is the
-    child's leading slice along one dim (units appended); fresh otherwise."""
+    child's leading slice along one dim (units appended); fresh otherwise, standing in for
+    the parent parameter it was made from (a new block's: its neighbour's, the block before
+    it)."""
     parent = dict(model.named_parameters())
     out: dict[str, ParamOrigin] = {}
     for name, p in child.named_parameters():
         src = name
         if name.startswith(fam.prefix):
             index, _, rest = name[len(fam.prefix):].partition(".")
-            old = net.source[int(index)]
-            src = None if old is None else f"{fam.prefix}{old}.{rest}"
-        q = parent.get(src) if src is not None else None
-        out[name] = ParamOrigin(None) if q is None else _origin(src, q.detach(), p.detach())
+            olds = [s for s in net.source[:int(index) + 1] if s is not None] or [0]
+            src = f"{fam.prefix}{olds[-1]}.{rest}"
+            if net.source[int(index)] is None:  # a new block: fresh, shaped after olds[-1]
+                out[name] = ParamOrigin(None, stand_in=src if src in parent else None)
+                continue
+        q = parent.get(src)
+        origin = None if q is None else _origin(src, q.detach(), p.detach())
+        out[name] = origin if origin is not None else ParamOrigin(
+            None, stand_in=src if q is not None else None)
     return out
 
 
-def _requires_grad(model: nn.Module, child: nn.Module, param_map: dict[str, ParamOrigin],
-                   fam: Family, net: Net) -> None:
-    """A child parameter is trainable like its source; a new block's like the block before
-    it (the one it was shaped after); anything else new like any parent parameter."""
+def _requires_grad(model: nn.Module, child: nn.Module,
+                   param_map: dict[str, ParamOrigin]) -> None:
+    """A child parameter is trainable like its source or stand-in (anything else new: like
+    any parent parameter)."""
     parent = dict(model.named_parameters())
     default = any(p.requires_grad for p in parent.values())
     for name, p in child.named_parameters():
-        ref = parent.get(param_map[name].source or name)
-        if param_map[name].source is None and name.startswith(fam.prefix):
-            index, _, rest = name[len(fam.prefix):].partition(".")
-            olds = [s for s in net.source[:int(index) + 1] if s is not None] or [0]
-            ref = parent.get(f"{fam.prefix}{olds[-1]}.{rest}")
+        origin = param_map[name]
+        ref = parent.get(origin.source or origin.stand_in or name)
         p.requires_grad_(ref.requires_grad if ref is not None else default)
 
 
-def _origin(src: str, q: torch.Tensor, p: torch.Tensor) -> ParamOrigin:
+def _origin(src: str, q: torch.Tensor, p: torch.Tensor) -> ParamOrigin | None:
+    """Unchanged or indexed (see :func:`origins`), else ``None``."""
     if q.shape == p.shape:
-        return ParamOrigin(src) if torch.equal(q, p) else ParamOrigin(None)
+        return ParamOrigin(src) if torch.equal(q, p) else None
     diff = [d for d in range(p.dim()) if q.dim() == p.dim() and q.shape[d] != p.shape[d]]
     if len(diff) == 1 and p.shape[diff[0]] > q.shape[diff[0]]:
         dim = diff[0]
@@ -374,7 +379,7 @@ def _origin(src: str, q: torch.Tensor, p: torch.Tensor) -> ParamOrigin:
         if torch.equal(p.narrow(dim, 0, n), q):
             index = torch.cat([torch.arange(n), torch.full((p.shape[dim] - n,), -1)])
             return ParamOrigin(src, dim=dim, index=index)
-    return ParamOrigin(None)
+    return None
 
 
 def _grow_gpt(model: nn.Module, targets: dict[str, int | None], scheme: str, inputs: Any,
