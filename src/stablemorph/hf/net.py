@@ -220,6 +220,7 @@ def grow_layers(net: Net, n_layer: int, scheme: str, gen: torch.Generator,
                     blk[k] = torch.zeros_like(blk[k])
         net.blocks.insert(index, blk)
         net.source.insert(index, None)
+    net.notes.append(f"identity blocks inserted at {points} (shaped after the block before)")
     return points
 
 

@@ -79,4 +79,5 @@ def grow_hidden_postln(net: Net, d_new: int, scheme: str, gen: torch.Generator) 
         net.glob["pool.b"] = copy_rows(net.glob["pool.b"])
     if "head.w" in net.glob:
         net.glob["head.w"] = _read(net.glob["head.w"], k, scheme, gen)
+    net.notes.append(f"post-LN stream copied {k} times ({net.d} -> {d_new})")
     net.d = d_new

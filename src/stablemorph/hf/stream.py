@@ -140,6 +140,7 @@ def grow_hidden(net: Net, d_new: int, scheme: str, gen: torch.Generator,
     """Re-encode the stream at width ``d_new`` (in place; :func:`check_width` first)."""
     check_width(net, d_new, scheme)
     d = net.d
+    gamma_f = net.glob["lnf.w"]
     a, n = stream_maps(net, d_new, scheme, gen)
     k = d_new // d
     first = (torch.arange(d_new) % max(k, 1) == 0)
@@ -155,6 +156,19 @@ def grow_hidden(net: Net, d_new: int, scheme: str, gen: torch.Generator,
         _tied_final(net, a, scheme, gen, k)
     else:
         _fold(net.glob, "lnf", ("head",), a, n, scheme, gen, out_scale, first)
+    if scheme == "net2net" or (net.norm == "ln" and (scheme == "netmorph" or net.tied)):
+        kind = "copies"
+    elif scheme == "netmorph":
+        kind = "zero-padded"
+    elif net.norm == "ln":
+        kind = "mean/variance-preserving map"
+    elif net.tied and not _uniform(gamma_f):
+        kind = "one random unit vector per coordinate: tied head, non-uniform final norm"
+    else:
+        kind = "dense isometry"
+    norms = "folded into their readers" if scheme == "stable" else "carried over"
+    net.notes.append(f"stream re-encoded {d} -> {d_new} ({kind}); norm weights {norms}"
+                     + (" (final norm kept: tied head)" if net.tied else ""))
     net.d = d_new
 
 
