@@ -142,10 +142,10 @@ def test_child_failures_are_reported_as_the_childs(monkeypatch: pytest.MonkeyPat
     before = snapshot(parent)
     monkeypatch.setattr(hf_grow, "write", failing)
     with pytest.raises(sm.MorphError, match=r"the child LlamaForCausalLM failed on the probe "
-                                            r"\(RuntimeError: boom\)"):
+                                            r".*RuntimeError: boom"):
         sm.grow(parent, mlp=80)
     monkeypatch.setattr(hf_grow, "write", inexact)
-    with pytest.raises(sm.MorphError, match=r"does not preserve the logits: eval: max_rel="
-                                            r".*> tolerance 1.0e-05"):
+    with pytest.raises(sm.MorphError, match=r"does not preserve the logits: eval: max_abs="
+                                            r".*noise floor.*tolerance max_rel 1.0e-05"):
         sm.grow(parent, mlp=80)
     assert_same_state(parent, before)

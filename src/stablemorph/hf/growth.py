@@ -54,7 +54,7 @@ from stablemorph.morphs.contract import (
     model_dtype,
 )
 from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, append_record, history
-from stablemorph.verify import default_tolerance, preserved_state, verify
+from stablemorph.verify import VerifyError, default_tolerance, preserved_state, verify
 
 DEFAULT_OUT_SCALE = 0.1
 _DIMS = ("layers", "hidden", "heads", "kv_heads", "mlp")
@@ -141,7 +141,7 @@ def grow(
     probe = make_probe(model, fam.inputs, inputs, seed)
     try:
         with torch.no_grad(), preserved_state(model):
-            Logits(model, probe).eval()()
+            Logits(model).eval()(**probe)
     except Exception as err:
         raise MorphError(f"grow: the parent {type(model).__name__} failed on the probe "
                          f"({type(err).__name__}: {err})") from err
@@ -300,18 +300,21 @@ def _heads_follow_hidden(name: str, cur: dict[str, int], targets: dict[str, int 
 def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: dict,
             want: dict[str, int], scheme: str, seed: int, tol: float | None,
             out_scale: float, started: float) -> nn.Module:
+    k = net.d // sizes(model)["hidden"]
+    take = torch.arange(0, net.d, k) if net.norm == "post-ln" and k > 1 else None
     try:
-        k = net.d // sizes(model)["hidden"]
-        take = torch.arange(0, net.d, k) if net.norm == "post-ln" and k > 1 else None
-        check = verify(Logits(model, probe), Logits(child, probe, take), ())
+        check = verify(Logits(model), Logits(child, take), probe)
+    except VerifyError as err:
+        who = "parent" if getattr(err, "who", None) == "parent" else "child"
+        name = type(model if who == "parent" else child).__name__
+        raise MorphError(f"grow: the {who} {name} failed on the probe ({err})") from err
     except Exception as err:
         raise MorphError(f"grow: the child {type(child).__name__} failed on the probe "
                          f"({type(err).__name__}: {err})") from err
     limit = default_tolerance(model_dtype(model)) if tol is None else tol
-    if not check.ok(limit):
-        modes = ", ".join(f"{m}: max_rel={r:.2e}" for m, (_, r) in check.per_mode.items())
+    if not check.ok(limit, noise=tol is None):
         raise MorphError(f"grow {type(model).__name__} (scheme {scheme!r}) does not preserve "
-                         f"the logits: {modes} > tolerance {limit:.1e}")
+                         f"the logits: {check.describe()}; tolerance max_rel {limit:.1e}")
     param_map = origins(model, child, fam, net)
     _requires_grad(model, child, param_map)
     named = dict(child.named_parameters())

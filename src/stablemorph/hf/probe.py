@@ -93,24 +93,22 @@ def _no_dropout(model: nn.Module) -> Iterator[None]:
 
 
 class Logits(nn.Module):
-    """``model(**probe).logits`` as a module with no inputs, so that
-    :func:`stablemorph.verify.verify` compares exactly the logits of two HF models (their
-    outputs also hold caches and, for some classes, hidden states of the grown width).
+    """``model(**probe).logits`` as a module, so that :func:`stablemorph.verify.verify`
+    compares exactly the logits of two HF models (their outputs also hold caches and, for
+    some classes, hidden states of the grown width).
 
     A model without logits (``BertModel``) gives its last hidden state and pooled output,
     restricted to the stream coordinates ``take`` (the child's first copy of each parent
     coordinate; ``None``: all)."""
 
-    def __init__(self, model: nn.Module, probe: dict[str, Tensor],
-                 take: Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, take: Tensor | None = None) -> None:
         super().__init__()
         self.model = model
-        self.probe = probe
         self.take = take
 
-    def forward(self) -> Tensor | tuple[Tensor, ...]:
+    def forward(self, **probe: Tensor) -> Tensor | tuple[Tensor, ...]:
         with _no_dropout(self.model):
-            out = self.model(**self.probe)
+            out = self.model(**probe)
         if getattr(out, "logits", None) is not None:
             return out.logits
         states = tuple(t for t in (out.last_hidden_state, out.get("pooler_output"))
