@@ -100,7 +100,9 @@ def grow(
             (copies) or ``"netmorph"`` (zeros); a scheme that cannot be exact for a size is
             refused with the reason and the nearest size that works.
         inputs: the probe (:mod:`stablemorph.hf.probe`); default random tokens or pixels.
-        seed: seeds every random choice. tol: ``max_rel`` limit (default 1e-5 in float32).
+        seed: seeds every random choice.
+        tol: ``max_rel`` limit of the logits; default: 1e-5 in float32, or a deviation
+            within the parent's own float noise (:mod:`stablemorph.verify`).
         out_scale: ``stable``'s new output columns and random reads, relative to the
             existing ones' rms.
 
