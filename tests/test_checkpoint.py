@@ -1,5 +1,6 @@
 """Checkpoints of grown models: round trips (every morph type, fresh process, user factory),
-resume after a morph equal to the uninterrupted run, and damaged or foreign files refused."""
+resume after a morph equal to the uninterrupted run, and damaged or foreign files refused.
+Hostile files, other model kinds and version-1 files: test_checkpoint_structure.py."""
 
 from __future__ import annotations
 
@@ -13,13 +14,19 @@ import pytest
 import torch
 from torch import nn
 
-from stablemorph.checkpoint import CheckpointError, load, load_checkpoint, save
+from stablemorph.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    load,
+    load_checkpoint,
+    save,
+)
 from stablemorph.experiment.data import load_dataset
 from stablemorph.experiment.train import TrainConfig, make_optimizer, make_scheduler, train
 from stablemorph.morphs import deepen, enlarge_kernel, insert_subnet, widen
 from stablemorph.optim import transfer_optimizer, transfer_scheduler
 from stablemorph.record import history
-from stablemorph.zoo import MLP, build_model
+from stablemorph.zoo import build_model
 
 torch.set_num_threads(1)
 
@@ -51,6 +58,7 @@ def test_round_trip_of_every_morph_type(tmp_path: Path) -> None:
     model = grown_resnet()
     model.layer2[0].bn1.weight.requires_grad_(False)
     model.eval()
+    model.layer1.train()  # a submodule's own mode is kept
     save(model, tmp_path / "m.pt", extra={"step": 7})
     rng = torch.get_rng_state()
 
@@ -60,26 +68,35 @@ def test_round_trip_of_every_morph_type(tmp_path: Path) -> None:
     loaded = ckpt.model
     assert_same_state(loaded, model)
     torch.testing.assert_close(loaded(probe()), model(probe()), rtol=0, atol=0)
-    assert not loaded.training
+    assert [(n, m.training) for n, m in loaded.named_modules()] == [
+        (n, m.training) for n, m in model.named_modules()]
+    assert not loaded.training and loaded.layer1[0].shortcut.branch.act.training
     assert not loaded.layer2[0].bn1.weight.requires_grad
     assert ckpt.extra == {"step": 7} and ckpt.optimizer_state is None
     with pytest.raises(CheckpointError, match="saved without an optimizer"):
         ckpt.make_optimizer()
     assert [(r.op, r.target, r.kwargs) for r in history(loaded)] == [
         (r.op, r.target, r.kwargs) for r in history(model)]
-    # the reports are the ones measured at morph time, not the replay's
+    # the reports are the ones measured at morph time, with their parameter maps
     assert [r.report.max_rel for r in history(loaded)] == [
         r.report.max_rel for r in history(model)]
+    assert [sorted(r.report.param_map) for r in history(loaded)] == [
+        sorted(r.report.param_map) for r in history(model)]
 
 
-def test_double_precision_is_kept(tmp_path: Path) -> None:
+def test_mixed_dtypes_are_kept(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = widen(build_model("mlp", in_features=8, hidden=[5]).double(), "fc1", 7,
                   input_shape=[4, 8])
+    model.head.to(torch.float32)
+    model.fc1.register_buffer("mask", torch.ones(7, dtype=torch.bool))
     save(model, tmp_path / "m.pt")
     loaded = load(tmp_path / "m.pt")
-    assert loaded.fc1.weight.dtype == torch.float64
+    assert loaded.fc1.weight.dtype == torch.float64 and loaded.head.weight.dtype == torch.float32
+    assert loaded.fc1.mask.dtype == torch.bool
     assert_same_state(loaded, model)
+    assert [t.dtype for t in loaded.state_dict().values()] == [
+        t.dtype for t in model.state_dict().values()]
 
 
 def test_loads_in_a_fresh_process(tmp_path: Path) -> None:
@@ -97,31 +114,68 @@ def test_loads_in_a_fresh_process(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=0, atol=0)
 
 
+class Tower(nn.Module):
+    """A user's own class (outside the allow-list): it can only come from a factory."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, width)
+        self.head = nn.Linear(width, 3)
+        self.scale = lambda x: 2 * x  # an attribute no file can hold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scale(torch.relu(self.fc(x))))
+
+
+def make_tower(width: int) -> Tower:
+    return Tower(width)
+
+
 def test_user_factory_base(tmp_path: Path) -> None:
     torch.manual_seed(3)
-    base = MLP(in_features=8, hidden=(6,), num_classes=3)  # not built through the zoo
-    with pytest.raises(CheckpointError, match=r"pass base='package\.module:function'"):
-        save(base, tmp_path / "m.pt")
-    model = widen(base, "fc1", 9, input_shape=[4, 8])
-    kwargs = {"in_features": 8, "hidden": [6], "num_classes": 3}
-    save(model, tmp_path / "m.pt", base="stablemorph.zoo:MLP", base_kwargs=kwargs)
+    factory = f"{__name__}:make_tower"
+    model = widen(make_tower(6), "fc", 9, input_shape=[4, 4])
+    with pytest.raises(CheckpointError, match=r"(?s)cannot save .*m\.pt: modules '<root>' "
+                                              r"\(.*:Tower\) are of classes outside.*"
+                                              r"base='package\.module:function'"):
+        save(model, tmp_path / "m.pt")
+    save(model, tmp_path / "m.pt", base=factory, base_kwargs={"width": 6})
 
-    with pytest.raises(CheckpointError, match=r"allow_factories=\['stablemorph.zoo:MLP'\]"):
+    with pytest.raises(CheckpointError, match=rf"allow_factories=\['{factory}'\]"):
         load(tmp_path / "m.pt")
-    loaded = load(tmp_path / "m.pt", allow_factories=["stablemorph.zoo:MLP"])
+    loaded = load(tmp_path / "m.pt", allow_factories=[factory])
+    assert type(loaded) is Tower and loaded.fc.out_features == 9
     assert_same_state(loaded, model)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     save(loaded, tmp_path / "again.pt")  # the loaded model remembers its factory
-    assert_same_state(load(tmp_path / "again.pt", allow_factories=["stablemorph.zoo:MLP"]),
-                      model)
+    assert_same_state(load(tmp_path / "again.pt", allow_factories=[factory]), model)
+    with pytest.raises(TypeError, match=r"bare string .* pass \["):
+        load(tmp_path / "m.pt", allow_factories=factory)  # not a set of characters
 
 
 def test_a_named_factory_is_never_run_unless_allowed(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    model = build_model("mlp", in_features=4, hidden=[3])
-    save(model, tmp_path / "evil.pt", base="os:system", base_kwargs={"command": f"touch {marker}"})
+    save(build_model("mlp", in_features=4, hidden=[3]), tmp_path / "evil.pt")
+    rewrite_meta(tmp_path / "evil.pt", lambda meta: meta.update(
+        base={"factory": "os:system", "kwargs": {"command": f"touch {marker}"}}))
     with pytest.raises(CheckpointError, match="builds its base with 'os:system'"):
         load(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def rewrite_meta(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    """Edit a checkpoint's JSON as an attacker would, with a valid digest."""
+    import json
+
+    from stablemorph.checkpoint import _digest
+
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["meta"])
+    change(meta)
+    payload["meta"] = json.dumps(meta)
+    payload["digest"] = _digest(payload)
+    torch.save(payload, path)
 
 
 class _Exploit:
@@ -169,18 +223,33 @@ def test_damaged_and_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"plain\.pt is not a stablemorph checkpoint"):
         load(tmp_path / "plain.pt")
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint at .*missing\.pt"):
         load(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a directory, not a checkpoint"):
+        load(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"cannot save {tmp_path}: it is a directory"):
+        save(model, tmp_path)
+    with pytest.raises(CheckpointError, match=r"cannot save .*/nowhere/m\.pt: its directory"):
+        save(model, tmp_path / "nowhere" / "m.pt")
 
 
-def test_a_recipe_that_does_not_rebuild_the_model(tmp_path: Path) -> None:
+def test_a_model_changed_by_hand(tmp_path: Path) -> None:
+    """The file holds the structure, not a recipe: layers replaced outside stablemorph load
+    as they are; a layer of a class no file can name is refused at save, by path."""
     torch.manual_seed(4)
     model = widen(build_model("mlp", in_features=8, hidden=[5]), "fc1", 7, input_shape=[4, 8])
-    model.head = nn.Linear(7, 4)  # changed by hand: the recipe does not know
+    model.head = nn.Sequential(nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 2))
     save(model, tmp_path / "m.pt")
-    with pytest.raises(CheckpointError,
-                       match=r"(?s)does not fit the architecture.*size mismatch for head\.weight"):
-        load(tmp_path / "m.pt")
+    loaded = load(tmp_path / "m.pt")
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+    model.act1 = Tower(2)
+    with pytest.raises(CheckpointError, match=r"cannot save .*m2\.pt: modules 'act1' \(.*Tower\)"):
+        save(model, tmp_path / "m2.pt")
+    assert not (tmp_path / "m2.pt").exists()
 
 
 def test_save_refuses_unsaveable_values(tmp_path: Path) -> None:
@@ -196,15 +265,25 @@ def test_save_refuses_unsaveable_values(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # nothing written, no temporary file left
 
 
-def test_save_replaces_atomically(tmp_path: Path) -> None:
+def test_save_replaces_atomically_and_follows_the_umask(tmp_path: Path) -> None:
     model = build_model("mlp", in_features=4, hidden=[3])
     path = tmp_path / "m.pt"
-    save(model, path)
+    old = os.umask(0o022)
+    try:
+        save(model, path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        save(model, tmp_path / "private.pt")
+        assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    path.chmod(0o640)
     with torch.no_grad():
         model.head.bias.add_(1.0)
     save(model, path)
+    assert path.stat().st_mode & 0o777 == 0o640  # an overwritten file keeps its mode
     assert_same_state(load(path), model)
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "private.pt"]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -1,44 +1,56 @@
-"""Save and load grown models: an architecture recipe plus a state dict, no pickled code.
+"""Save and load grown models: the module tree as JSON plus the tensors, no pickled code.
 
 A checkpoint is one ``torch.save`` file holding only tensors, plain Python values and a JSON
 string, read back with ``torch.load(weights_only=True)``, so opening a file never runs code
-from it. It holds:
+from it. It holds (format version 2):
 
-- the **recipe**: the base architecture (the zoo's ``{"name", "kwargs"}`` that
-  :func:`stablemorph.zoo.build_model` records on a model, or a user factory
-  ``"package.module:function"`` with JSON keyword arguments), then every morph applied
-  (``op``, ``target``, ``kwargs`` from :func:`stablemorph.record.history`, with the measured
-  report);
-- the model's ``state_dict``, parameter dtype, train/eval mode and frozen parameters;
-- optionally an optimiser's and a scheduler's ``state_dict`` (with the names of the optimiser's
-  parameters, so :meth:`Checkpoint.make_optimizer` can rebuild it) and a JSON ``extra`` dict;
+- the **structure** (:mod:`stablemorph.structure`): for every module path its class, its
+  plain attributes (``in_features``, ``kernel_size``, a ``GPTConfig``...), its train/eval
+  flag, and every parameter's and buffer's shape, dtype and ``requires_grad``, ties included;
+- optionally a **base recipe** that supplies what JSON cannot hold (a user class, a function
+  attribute): the zoo's ``{"name", "kwargs"}`` recorded by
+  :func:`stablemorph.zoo.build_model`, a user factory ``"package.module:function"`` with JSON
+  keyword arguments, or a Hugging Face model class with its config (``Cls(config)``; never
+  read from a hub). A model made only of ``torch.nn``, ``stablemorph`` and ``transformers``
+  classes needs none;
+- the tensors: ``state_dict`` (what ``model.state_dict()`` holds, so the file also serves tools
+  that only want the weights) and the non-persistent buffers and tensor attributes;
+- the morph history (op, target, kwargs, the report measured at morph time, the parameter
+  map), optionally an optimiser's and a scheduler's ``state_dict`` and a JSON ``extra``;
 - a SHA-256 digest of all of the above, so corruption that still unpickles is caught.
 
-:func:`load` rebuilds the base (under a forked RNG: the caller's random state is untouched),
-replays each morph with :func:`stablemorph.morphs.apply` (verification cannot fail there:
-the replay runs on the base's random initial weights, which the saved state dict replaces),
-then loads the state dict strictly. Everything happens on a fresh model that is returned only
-when all steps succeeded; any failure (truncated or corrupt file, unknown format, a recipe
-that does not rebuild the saved architecture) raises :class:`CheckpointError`.
+:func:`load` checks the file (format, digest, every tensor's shape and dtype against the
+structure) before it builds anything; then it builds the base, if any, on the meta device
+(no memory, however large the recipe's sizes), replaces every module the structure describes
+differently, and assigns the file's tensors: no probe, no solver, no replay, so a model with
+token inputs, several inputs, a grown transformer or a Hugging Face model loads as fast as its
+bytes are read. Mixed dtypes, each module's train/eval flag and frozen parameters come back as
+saved. Classes are taken only from ``torch.nn``, ``stablemorph`` and ``transformers``; a user
+factory is imported and run only when the caller lists it in ``allow_factories`` (a file
+naming ``"os:system"`` is refused, never run).
 
-A base built by a user factory runs that factory at load time, so :func:`load` imports and
-calls it only when the caller lists it in ``allow_factories``: a checkpoint naming
-``"os:system"`` is refused, never run. Files are written atomically (a temporary file in the
-same directory, then ``os.replace``): a crash mid-save leaves the previous file intact.
+Every save loads, or :func:`save` refuses up front: it rebuilds the structure on the meta
+device (running the base recipe, the factory included) and compares it with the model, naming
+the module it could not rebuild. Files are written atomically (a temporary file in the same
+directory, then ``os.replace``) with the permissions a new file gets under the umask, or those
+of the file replaced.
 
-A model changed by hand between morphs (a layer replaced outside stablemorph) is not
-described by its recipe; its checkpoint fails to load with the mismatching parameter named.
+Version-1 files (a base plus a replay of every morph through the solver) are read only with
+``legacy_replay=True``: replay is as slow as the morphs and trusts the file's sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
 import math
 import os
 import re
+import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,20 +60,40 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stablemorph.morphs import apply
 from stablemorph.optim import constructor_kwargs
-from stablemorph.record import HISTORY_ATTR, MorphRecord, MorphReport, history
+from stablemorph.record import HISTORY_ATTR, MorphRecord, MorphReport, ParamOrigin, history
+from stablemorph.structure import (
+    StructureError,
+    Unencodable,
+    build,
+    check_classes,
+    class_name,
+    decode,
+    describe,
+    differences,
+    encode,
+    expected_tensors,
+    meta_values,
+    refused_classes,
+    resolve_class,
+    tensors,
+)
 from stablemorph.zoo import BASE_ATTR, build_model
 
 FORMAT = "stablemorph-checkpoint"
-VERSION = 1
+VERSION = 2
+LEGACY_VERSION = 1
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-_REPORT_FIELDS = ("scheme", "max_abs", "max_rel", "residual", "zero_fraction",
+_LEGACY_REPORT = ("scheme", "max_abs", "max_rel", "residual", "zero_fraction",
                   "near_zero_fraction", "changed", "seconds", "notes")
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written or read: the message says which file and why."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at the path given (also a ``FileNotFoundError``)."""
 
 
 @dataclass
@@ -70,7 +102,8 @@ class Checkpoint:
 
     ``model``: the rebuilt model (state loaded, on ``map_location``); ``optimizer_state`` /
     ``scheduler_state``: the saved ``state_dict``s (``None`` if none were saved);
-    ``extra``: the caller's JSON dict; ``recipe``: the base and morphs it was rebuilt from;
+    ``extra``: the caller's JSON dict; ``recipe``: the base recipe (``None`` where the
+    structure alone rebuilt the model) and the morphs applied (op, target, kwargs, report);
     ``optimizer_class`` / ``optimizer_params`` / ``optimizer_defaults``: the saved optimiser's
     class name, parameter names per group and constructor defaults, which
     :meth:`make_optimizer` uses.
@@ -122,39 +155,58 @@ def save(
     """Write ``model`` (and optionally its optimiser and scheduler) to ``path`` atomically.
 
     Args:
-        model: a zoo model or one built by ``base``, possibly morphed; a DDP or DataParallel
-            wrapper is unwrapped. Not modified.
-        path: the file to write (replaced atomically if it exists).
+        model: any model whose modules are ``torch.nn``, ``stablemorph`` or
+            ``transformers`` classes, or come unchanged from its base (below); possibly
+            morphed or edited by hand. A DDP or DataParallel wrapper is unwrapped, and so is
+            a ``torch.compile``d model: its ``_orig_mod`` is saved, and :func:`load` returns
+            that plain module (compile it again). Not modified. Hooks are code and are not
+            saved.
+        path: the file to write (replaced atomically if it exists, keeping its permissions).
         optimizer: an optimiser over ``model``'s parameters, saved with their names.
         scheduler: its learning-rate scheduler (its ``state_dict``; lambdas are not saved:
             recreate the scheduler, then ``load_state_dict``).
         extra: JSON values to keep beside the model (step counter, config...).
-        base: for a model not built by :func:`stablemorph.zoo.build_model`, the import path
-            ``"package.module:function"`` of a function that builds its *unmorphed* base.
+        base: the import path ``"package.module:function"`` of a function that builds the
+            model's *unmorphed* base, needed only when the model holds modules of other
+            classes (or attributes JSON cannot hold): those must come unchanged from the
+            base. Zoo models and Hugging Face models record their base themselves. The
+            function is run once here (on the meta device) to check the file will load.
         base_kwargs: JSON keyword arguments for ``base``.
 
     Raises:
-        CheckpointError: no recipe for the base, values that are not JSON / plain tensors,
-            an optimiser holding tensors that are not the model's parameters.
+        CheckpointError: a module the file could not rebuild (its path and class named), no
+            base where one is needed, values that are not JSON / plain tensors, an optimiser
+            holding tensors that are not the model's parameters, an unwritable path. Nothing
+            is written then.
     """
-    model = _unwrap(model)
     path = Path(path)
-    recipe_base = _base_recipe(model, base, base_kwargs)
-    morphs = [_record_json(r) for r in history(model)]
+    if path.is_dir():
+        raise CheckpointError(f"cannot save {path}: it is a directory")
+    model = _unwrap(model)
+    for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise CheckpointError(f"cannot save {path}: parameter {name!r} is uninitialised (a "
+                                  f"lazy module): run a forward pass first")
+    recipe = _base_recipe(model, base, base_kwargs, path)
+    spec = describe(model)
+    _check_saveable(model, spec, recipe, path)
+    state, other = tensors(model, spec)
     names = {id(p): n for n, p in model.named_parameters()}
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "torch": torch.__version__,
-        "base": recipe_base,
-        "morphs": morphs,
-        "dtype": str(_dtype(model)).removeprefix("torch."),
-        "training": model.training,
-        "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+        "base": recipe,
+        "structure": spec,
+        "morphs": [_record_json(r) for r in history(model)],
         "extra": dict(extra or {}),
         "optimizer": None,
     }
-    payload: dict[str, Any] = {"state_dict": dict(model.state_dict())}
+    payload: dict[str, Any] = {
+        "state_dict": state,
+        "other_tensors": other,
+        "param_maps": [_param_map_plain(r) for r in history(model)],
+    }
     if optimizer is not None:
         groups = []
         for gi, group in enumerate(optimizer.param_groups):
@@ -186,13 +238,14 @@ def load(
     *,
     map_location: str | torch.device = "cpu",
     allow_factories: Iterable[str] = (),
+    legacy_replay: bool = False,
 ) -> nn.Module:
-    """The model saved at ``path``, rebuilt from its recipe with its state loaded.
+    """The model saved at ``path``, rebuilt from its structure with its state loaded.
 
     See :func:`load_checkpoint`; this returns only its ``model``.
     """
-    return load_checkpoint(path, map_location=map_location,
-                           allow_factories=allow_factories).model
+    return load_checkpoint(path, map_location=map_location, allow_factories=allow_factories,
+                           legacy_replay=legacy_replay).model
 
 
 def load_checkpoint(
@@ -200,6 +253,7 @@ def load_checkpoint(
     *,
     map_location: str | torch.device = "cpu",
     allow_factories: Iterable[str] = (),
+    legacy_replay: bool = False,
 ) -> Checkpoint:
     """Read ``path``, rebuild its model and return it with the saved optimiser/scheduler
     state.
@@ -207,33 +261,40 @@ def load_checkpoint(
     Args:
         path: a file written by :func:`save`.
         map_location: the device the model and the states are loaded onto.
-        allow_factories: user factories (``"package.module:function"``) this call may import
-            and run to build the base; zoo bases need none.
+        allow_factories: user factories (``"package.module:function"``, a list or set, not a
+            bare string) this call may import and run to build the base; zoo, Hugging Face
+            and structure-only bases need none.
+        legacy_replay: read a version-1 file by replaying its morphs (solver included: as
+            slow as the morphs, and the file's recipe sizes are trusted). Save the result
+            again to convert it.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        CheckpointError: the file is truncated, corrupt, not a stablemorph checkpoint, of a
-            newer format, names a factory not allowed, or its recipe does not rebuild a model
-            its state dict fits. Nothing is returned half-loaded.
+        CheckpointNotFoundError: no file at ``path`` (a ``FileNotFoundError`` too).
+        CheckpointError: a directory, a truncated or corrupt file, not a stablemorph
+            checkpoint, of another format version, a class outside the allow-list, a factory
+            not allowed, tensors that do not match the structure. The message names
+            ``path``; nothing is returned half-loaded, and nothing is allocated beyond what the
+            file holds.
+        TypeError: ``allow_factories`` is a bare string.
     """
+    if isinstance(allow_factories, str | bytes):
+        raise TypeError(
+            f"allow_factories must be a list of 'package.module:function' strings, not the "
+            f"bare string {allow_factories!r} (which would allow each of its characters): "
+            f"pass [{allow_factories!r}]"
+        )
+    allowed = set(allow_factories)
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise CheckpointNotFoundError(f"no checkpoint at {path}")
     payload = _read(path)
     meta = payload["meta"]
-    model = _rebuild(meta, path, set(allow_factories))
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path}: the saved state does not fit the architecture its recipe rebuilds "
-            f"(was the model changed outside stablemorph?): {err}"
-        ) from None
-    frozen = set(meta["frozen"])
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
-    model.train(bool(meta["training"]))
-    model.to(map_location)
+    if meta["version"] == LEGACY_VERSION:
+        model = _load_legacy(payload, path, allowed, legacy_replay)
+    else:
+        model = _load_structure(payload, path, allowed, map_location)
     opt_meta = meta.get("optimizer") or {}
     return Checkpoint(
         model=model,
@@ -248,46 +309,184 @@ def load_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------
-# writing
+# the base a structure is laid over
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        return model.module
-    return model
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod   # torch.compile's wrapper: save the module it compiles
+        else:
+            return model
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
+def _hf_model_class() -> type | None:
+    module = sys.modules.get("transformers")
+    return getattr(module, "PreTrainedModel", None) if module is not None else None
 
 
-def _base_recipe(model: nn.Module, base: str | None,
-                 base_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+def _base_recipe(model: nn.Module, base: str | None, base_kwargs: Mapping[str, Any] | None,
+                 path: Path) -> dict[str, Any] | None:
     if base is not None:
         if not isinstance(base, str) or not _FACTORY.match(base):
             raise CheckpointError(
-                f"base must be an import path 'package.module:function', got {base!r}"
+                f"cannot save {path}: base must be an import path 'package.module:function', "
+                f"got {base!r}"
             )
         return {"factory": base, "kwargs": dict(base_kwargs or {})}
     if base_kwargs is not None:
-        raise CheckpointError("base_kwargs given without base='package.module:function'")
+        raise CheckpointError(f"cannot save {path}: base_kwargs given without "
+                              f"base='package.module:function'")
     recorded = getattr(model, BASE_ATTR, None)
-    if not isinstance(recorded, dict):
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    hf = _hf_model_class()
+    if hf is not None and isinstance(model, hf):
+        try:
+            config = encode(model.config)
+        except Unencodable:
+            raise CheckpointError(f"cannot save {path}: the config of {type(model).__name__} "
+                                  f"cannot be written as JSON") from None
+        return {"hf": class_name(type(model)), "config": config}
+    return None
+
+
+class _TooManyModules(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _module_limit(limit: int) -> Iterator[None]:
+    """Abort (``_TooManyModules``) a build that registers more than ``limit`` submodules: a
+    tiny file whose recipe asks for a million layers is refused before it fills memory with
+    Python objects (the meta device holds no tensor data, but every module is an object)."""
+    count = 0
+
+    def hook(_module: nn.Module, _name: str, _sub: nn.Module | None) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooManyModules
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _build_base(recipe: dict[str, Any] | None, path: Path, allowed: set[str] | None,
+                when: str, limit: int) -> nn.Module | None:
+    """The recipe's base model on the meta device (no memory), refused if it registers more
+    than ``limit`` modules; ``allowed=None`` trusts any factory (save time: the caller named
+    it)."""
+    if recipe is None:
+        return None
+    try:
+        with _module_limit(limit):
+            return _build_base_unguarded(recipe, path, allowed, when)
+    except _TooManyModules:
+        raise CheckpointError(f"{when}: its base recipe builds more than {limit} modules, far "
+                              f"more than the model it saved holds") from None
+
+
+def _limit(spec: Mapping[str, Any]) -> int:
+    return 2 * len(spec["modules"]) + 64
+
+
+def _build_base_unguarded(recipe: dict[str, Any], path: Path, allowed: set[str] | None,
+                          when: str) -> nn.Module:
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        if "factory" in recipe:
+            model = _from_factory(recipe, path, allowed, when)
+        elif "hf" in recipe:
+            try:
+                cls = resolve_class(recipe["hf"], _hf_model_class() or nn.Module)
+                model = cls(decode(recipe["config"]))
+            except _TooManyModules:
+                raise
+            except Exception as err:
+                raise CheckpointError(f"{when}: cannot build its base {recipe['hf']!r} from "
+                                      f"its config: {type(err).__name__}: {err}") from None
+        else:
+            try:
+                model = build_model(recipe["name"], **recipe["kwargs"])
+            except _TooManyModules:
+                raise
+            except Exception as err:
+                raise CheckpointError(f"{when}: cannot build its base {recipe!r}: "
+                                      f"{type(err).__name__}: {err}") from None
+    return model
+
+
+def _from_factory(recipe: dict[str, Any], path: Path, allowed: set[str] | None,
+                  when: str) -> nn.Module:
+    factory = recipe["factory"]
+    if allowed is not None and factory not in allowed:
         raise CheckpointError(
-            f"{type(model).__name__} was not built by stablemorph.zoo.build_model, so the "
-            f"checkpoint cannot rebuild it: pass base='package.module:function' (a function "
-            f"building the unmorphed model) and base_kwargs={{...}} (JSON)"
+            f"{path} builds its base with {factory!r}; loading would import and run it. If "
+            f"you trust it, pass allow_factories=[{factory!r}]"
         )
-    return dict(recorded)
+    if not isinstance(factory, str) or not _FACTORY.match(factory):
+        raise CheckpointError(f"{when}: malformed factory {factory!r}")
+    module_name, _, attr = factory.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+        model = fn(**recipe["kwargs"])
+    except _TooManyModules:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{when}: building its base with {factory!r} (on the meta "
+                              f"device) failed: {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{when}: {factory!r} returned a {type(model).__name__}, not an "
+                              f"nn.Module")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _check_saveable(model: nn.Module, spec: dict[str, Any], recipe: dict[str, Any] | None,
+                    path: Path) -> None:
+    """Refuse now what :func:`load` could not rebuild: rebuild the structure on the meta
+    device over the base and compare."""
+    when = f"cannot save {path}"
+    base = _build_base(recipe, path, None, when, _limit(spec))
+    refused = refused_classes(spec, base)
+    if refused:
+        hint = ("they must come unchanged from the base built by base='package.module:"
+                "function'" if recipe is None or "factory" not in recipe
+                else f"they are not built by its base {recipe['factory']!r} at those paths")
+        raise CheckpointError(
+            f"{when}: modules {', '.join(refused[:3])}{' ...' if len(refused) > 3 else ''} "
+            f"are of classes outside torch.nn, stablemorph and transformers, which a file "
+            f"cannot name safely; {hint}"
+        )
+    try:
+        rebuilt = build(spec, meta_values(spec), base=base)
+        lost = differences(spec, describe(rebuilt))
+    except StructureError as err:
+        raise CheckpointError(f"{when}: {err}") from None
+    if lost:
+        raise CheckpointError(f"{when}: the model cannot be rebuilt from what a file can hold "
+                              f"({'; '.join(lost)})")
 
 
 def _record_json(record: MorphRecord) -> dict[str, Any]:
-    report = {k: getattr(record.report, k) for k in _REPORT_FIELDS}
+    report = {f.name: getattr(record.report, f.name) for f in dataclasses.fields(record.report)
+              if f.name not in ("op", "target", "param_map")}
     return {"op": record.op, "target": record.target, "kwargs": record.kwargs,
             "report": report}
+
+
+def _param_map_plain(record: MorphRecord) -> dict[str, dict[str, Any]]:
+    return {name: {f.name: getattr(origin, f.name) for f in dataclasses.fields(origin)}
+            for name, origin in record.report.param_map.items()}
 
 
 def _check_plain(value: Any, where: str, path: Path) -> None:
@@ -311,46 +510,79 @@ def _check_plain(value: Any, where: str, path: Path) -> None:
     )
 
 
-def _walk(value: Any) -> Iterator[bytes]:
-    """A canonical byte stream of a plain value (types, keys, tensor dtypes, shapes, data)."""
+_WALK_LIMIT = 10_000_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _walk(value: Any, budget: list[int] | None = None) -> Iterator[bytes | memoryview]:
+    """A canonical byte stream of a plain value (types, keys, tensor dtypes, shapes, data).
+    ``budget`` bounds the number of values visited (a pickle can nest one list in itself
+    many times over: a few bytes that would take forever to walk)."""
+    if budget is None:
+        budget = [_WALK_LIMIT]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge
     if isinstance(value, Tensor):
         t = value.detach().cpu().contiguous()
         yield f"T{t.dtype}{tuple(t.shape)}".encode()
-        yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
     elif isinstance(value, dict):
         yield f"D{len(value)}".encode()
         for k, v in value.items():
             yield repr(k).encode()
-            yield from _walk(v)
+            yield from _walk(v, budget)
     elif isinstance(value, list | tuple):
         yield f"L{len(value)}".encode()
         for v in value:
-            yield from _walk(v)
+            yield from _walk(v, budget)
     else:
         yield f"{type(value).__name__}:{value!r};".encode()
 
 
 def _digest(payload: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
+    budget = [_WALK_LIMIT]
     for key in sorted(k for k in payload if k != "digest"):
         h.update(key.encode())
-        for chunk in _walk(payload[key]):
+        for chunk in _walk(payload[key], budget):
             h.update(chunk)
     return h.hexdigest()
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode ``path`` keeps (if it exists) or a new file gets under the umask."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomically(payload: dict[str, Any], path: Path) -> None:
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"cannot save {path}: its directory {directory} does not exist")
+    mode = _new_file_mode(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise CheckpointError(f"cannot save {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"cannot save {path}: {err.strerror or err}") from None
         raise
 
 
@@ -360,32 +592,36 @@ def _write_atomically(payload: dict[str, Any], path: Path) -> None:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for a damaged archive
+        first = str(err).splitlines()[0] if str(err) else ""
         raise CheckpointError(
             f"{path} is not a readable stablemorph checkpoint (truncated, corrupt, or not "
-            f"written by stablemorph.checkpoint.save): {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}"
+            f"written by stablemorph.checkpoint.save): {type(err).__name__}: {first}"
         ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("meta"), str):
         raise CheckpointError(f"{path} is not a stablemorph checkpoint (no recipe in it)")
     try:
         meta = json.loads(payload["meta"])
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path}: its recipe is not valid JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a stablemorph checkpoint (format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in (VERSION, LEGACY_VERSION):
         raise CheckpointError(
             f"{path} has checkpoint format version {meta.get('version')!r}; this stablemorph "
-            f"reads version {VERSION}"
+            f"reads version {VERSION} (and {LEGACY_VERSION} with legacy_replay=True)"
         )
-    if payload.get("digest") != _digest(payload):
+    try:
+        digest = _digest(payload)
+    except (_TooLarge, RecursionError):
+        raise CheckpointError(f"{path} is not a stablemorph checkpoint (its contents nest too "
+                              f"deep or too many times)") from None
+    if payload.get("digest") != digest:
         raise CheckpointError(f"{path} is corrupt: its contents do not match their SHA-256 "
                               f"digest")
-    state = payload.get("state_dict")
-    if not isinstance(state, dict):
+    if not isinstance(payload.get("state_dict"), dict):
         raise CheckpointError(f"{path} has no state dict")
     _check_meta(meta, path)
     payload["meta"] = meta
@@ -397,66 +633,162 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
     base = meta.get("base")
     morphs = meta.get("morphs")
     problems = []
-    if not (isinstance(base, dict) and isinstance(base.get("kwargs"), dict)
-            and (isinstance(base.get("name"), str) or isinstance(base.get("factory"), str))):
-        problems.append(f"base {base!r}")
+    legacy = meta["version"] == LEGACY_VERSION
+    base_ok = isinstance(base, dict) and (
+        (isinstance(base.get("kwargs"), dict)
+         and (isinstance(base.get("name"), str) or isinstance(base.get("factory"), str)))
+        or (not legacy and isinstance(base.get("hf"), str) and "config" in base))
+    if not (base_ok or (base is None and not legacy)):
+        problems.append(f"base {base!r:.200}")
     if not isinstance(morphs, list) or not all(
         isinstance(m, dict) and isinstance(m.get("op"), str) and isinstance(m.get("target"), str)
         and isinstance(m.get("kwargs"), dict) and isinstance(m.get("report"), dict)
-        and set(m["report"]) <= set(_REPORT_FIELDS) for m in morphs
+        for m in morphs
     ):
         problems.append("morphs")
-    for key, kind in (("dtype", str), ("training", bool), ("frozen", list), ("extra", dict)):
+    kinds: tuple[tuple[str, type], ...] = (("extra", dict),)
+    kinds += ((("dtype", str), ("training", bool), ("frozen", list)) if legacy
+              else (("structure", dict),))
+    for key, kind in kinds:
         if not isinstance(meta.get(key), kind):
             problems.append(key)
     if problems:
         raise CheckpointError(f"{path}: malformed recipe ({', '.join(problems)})")
 
 
-def _rebuild(meta: dict[str, Any], path: Path, allowed: set[str]) -> nn.Module:
-    """A fresh model built from the recipe (base, dtype, morphs), on the CPU."""
-    base = meta["base"]
+def _load_structure(payload: dict[str, Any], path: Path, allowed: set[str],
+                    map_location: str | torch.device) -> nn.Module:
+    """Check every tensor against the structure, then build the model over its base."""
+    meta = payload["meta"]
+    spec = meta["structure"]
+    other = payload.get("other_tensors")
+    if not isinstance(other, dict):
+        raise CheckpointError(f"{path}: malformed file (no other_tensors)")
+    state = payload["state_dict"]
+    stored = {**other, **state}
+    try:
+        expected = expected_tensors(spec)
+        check_classes(spec, foreign=isinstance(meta["base"], dict) and "factory" in meta["base"])
+    except StructureError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    if len(stored) != len(state) + len(other) or set(stored) != set(expected):
+        extra_keys = sorted(set(stored) - set(expected))[:3]
+        missing = sorted(set(expected) - set(stored))[:3]
+        raise CheckpointError(f"{path}: its tensors do not match its structure (missing "
+                              f"{missing}, unexpected {extra_keys})")
+    for key, (shape, dtype) in expected.items():
+        t = stored[key]
+        if not isinstance(t, Tensor) or list(t.shape) != shape or t.dtype != dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t).__name__
+            raise CheckpointError(f"{path}: tensor {key!r} is {got}, its structure says "
+                                  f"{(tuple(shape), dtype)}")
+    base = _build_base(meta["base"], path, allowed, str(path), _limit(spec))
+    try:
+        model = build(spec, lambda key: stored[key].to(map_location, copy=True), base=base)
+    except StructureError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except Exception as err:   # a device that is not there, a class's own __setstate__...
+        raise CheckpointError(f"{path}: building the model failed: {type(err).__name__}: "
+                              f"{err}") from None
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise CheckpointError(f"{path}: {name!r} was left without data")
+    if isinstance(meta["base"], dict) and "hf" not in meta["base"]:
+        object.__setattr__(model, BASE_ATTR, dict(meta["base"]))
+    _restore_history(model, meta["morphs"], payload.get("param_maps"), path)
+    return model
+
+
+def _restore_history(model: nn.Module, morphs: list[dict[str, Any]], maps: Any,
+                     path: Path) -> None:
+    if not isinstance(maps, list) or len(maps) != len(morphs):
+        raise CheckpointError(f"{path}: malformed morph history")
+    report_fields = {f.name for f in dataclasses.fields(MorphReport)}
+    origin_fields = {f.name for f in dataclasses.fields(ParamOrigin)}
+    records = []
+    try:
+        for m, param_map in zip(morphs, maps, strict=True):
+            origins = {str(n): ParamOrigin(**{k: v for k, v in o.items() if k in origin_fields})
+                       for n, o in param_map.items()}
+            fields = {k: v for k, v in m["report"].items() if k in report_fields}
+            report = MorphReport(**{**fields, "op": m["op"], "target": m["target"],
+                                    "param_map": origins})
+            records.append(MorphRecord(m["op"], m["target"], m["kwargs"], report))
+    except (TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: malformed morph history ({err})") from None
+    object.__setattr__(model, HISTORY_ATTR, records)
+
+
+def _to_device(state: Any, device: str | torch.device) -> Any:
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.to(device, copy=True)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_to_device(v, device) for v in state)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# version 1: base + replay of every morph
+
+
+def _load_legacy(payload: dict[str, Any], path: Path, allowed: set[str],
+                 legacy_replay: bool) -> nn.Module:
+    """A version-1 file: rebuild its base and replay its morphs (solver included)."""
+    meta = payload["meta"]
+    if not legacy_replay:
+        raise CheckpointError(
+            f"{path} is a version-1 checkpoint: it stores a replay of every morph, not the "
+            f"structure, and loading it re-runs the solver (as slow as the morphs) on sizes "
+            f"read from the file. If you trust it, load it with legacy_replay=True and save "
+            f"it again to convert it"
+        )
     try:
         dtype = getattr(torch, meta["dtype"])
         if not isinstance(dtype, torch.dtype):
             raise TypeError(meta["dtype"])
     except (AttributeError, TypeError):
         raise CheckpointError(f"{path}: unknown parameter dtype {meta['dtype']!r}") from None
+    # morphs only add parameters: a base larger than the saved state is a hostile recipe
+    base_meta = _build_base(meta["base"], path, allowed, str(path),
+                            4 * len(payload["state_dict"]) + 64)
+    assert base_meta is not None
+    held = sum(t.numel() for t in payload["state_dict"].values() if isinstance(t, Tensor))
+    wanted = sum(p.numel() for p in base_meta.parameters())
+    if wanted > held:
+        raise CheckpointError(f"{path}: its base recipe builds {wanted} parameters, more than "
+                              f"the {held} values the file holds")
     with torch.random.fork_rng(devices=[]):
+        base = meta["base"]
+        try:
+            model = (_from_factory(base, path, allowed, str(path)) if "factory" in base
+                     else build_model(base["name"], **base["kwargs"]))
+            model.to(dtype=dtype)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot build its base {base!r}: {err}") from None
         if "factory" in base:
-            model = _from_factory(base, path, allowed)
-        else:
-            try:
-                model = build_model(base["name"], **base["kwargs"])
-            except (TypeError, ValueError, KeyError) as err:
-                raise CheckpointError(f"{path}: cannot build its base {base!r}: {err}") from None
-        model.to(dtype=dtype)
+            object.__setattr__(model, BASE_ATTR, dict(base))
         model = _replay(model, meta["morphs"], path)
-    return model
-
-
-def _from_factory(base: dict[str, Any], path: Path, allowed: set[str]) -> nn.Module:
-    factory = base["factory"]
-    if factory not in allowed:
-        raise CheckpointError(
-            f"{path} builds its base with {factory!r}; loading would import and run it. If "
-            f"you trust it, pass allow_factories=[{factory!r}]"
-        )
-    module_name, _, attr = factory.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-        model = fn(**base["kwargs"])
-    except Exception as err:
-        raise CheckpointError(f"{path}: building its base with {factory!r} failed: "
-                              f"{type(err).__name__}: {err}") from None
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{path}: {factory!r} returned a {type(model).__name__}, not an "
-                              f"nn.Module")
-    setattr(model, BASE_ATTR, dict(base))
-    return model
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: the saved state does not fit the architecture its recipe rebuilds: {err}"
+        ) from None
+    frozen = set(meta["frozen"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return model.train(bool(meta["training"]))
 
 
 def _replay(model: nn.Module, morphs: list[dict[str, Any]], path: Path) -> nn.Module:
+    from stablemorph.morphs import apply  # the legacy path only
+
     records = []
     for i, m in enumerate(morphs):
         try:
@@ -467,23 +799,9 @@ def _replay(model: nn.Module, morphs: list[dict[str, Any]], path: Path) -> nn.Mo
                 f"{type(err).__name__}: {err}"
             ) from None
         replayed = history(model)[-1]
-        # The saved report holds what was measured at morph time; the replay ran on random
-        # weights. Its param_map is structural and the same.
+        fields = {k: v for k, v in m["report"].items() if k in _LEGACY_REPORT}
         report = MorphReport(op=m["op"], target=m["target"],
-                             param_map=replayed.report.param_map, **m["report"])
+                             param_map=replayed.report.param_map, **fields)
         records.append(MorphRecord(m["op"], m["target"], m["kwargs"], report))
     object.__setattr__(model, HISTORY_ATTR, records)
     return model
-
-
-def _to_device(state: Any, device: str | torch.device) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, Tensor):
-        return state.to(device)
-    if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_to_device(v, device) for v in state)
-    return state
-
