@@ -119,7 +119,7 @@ def test_huge_shapes_in_a_tiny_file_allocate_nothing(tmp_path: Path) -> None:
         meta["structure"]["modules"][2]["params"][0]["shape"] = [10**6, 10**6]
 
     def huge_recipe(meta, _payload):  # type: ignore[no-untyped-def]
-        meta["base"]["kwargs"]["hidden"] = [1] * 10**6   # a million layers, on paper
+        meta["base"]["kwargs"]["hidden"] = [1] * 10**5   # a hundred thousand layers
 
     before = peak_rss_mb()
     started = time.perf_counter()
@@ -132,6 +132,54 @@ def test_huge_shapes_in_a_tiny_file_allocate_nothing(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=rf"{path}: .*{message}"):
             load(path)
     assert time.perf_counter() - started < 10
+    assert peak_rss_mb() - before < 200
+
+
+class _Storage:
+    """Stands for a tensor storage in a hand-made archive."""
+
+
+class _Tensor:
+    def __init__(self, size: tuple[int, ...]) -> None:
+        self.size = size
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        stride = (self.size[1], 1)
+        return (torch._utils._rebuild_tensor_v2,
+                (_Storage(), 0, self.size, stride, False, OrderedDict()))
+
+
+def test_a_tensor_declared_larger_than_its_bytes(tmp_path: Path) -> None:
+    """A 1 KB archive whose tensor header declares 10^5 x 10^5 floats (40 GB) and whose
+    storage record declares 10^10 elements over 8 bytes: refused, nothing allocated."""
+    import io
+    import pickle
+
+    class Pickler(pickle.Pickler):
+        numel = 0
+
+        def persistent_id(self, obj):  # type: ignore[no-untyped-def]
+            if isinstance(obj, _Storage):
+                return ("storage", torch.FloatStorage, "0", "cpu", self.numel)
+            return None
+
+    path = tmp_path / "huge.pt"
+    before = peak_rss_mb()
+    for numel in (2, 10**10):
+        buf = io.BytesIO()
+        pickler = Pickler(buf, protocol=2)
+        pickler.numel = numel
+        pickler.dump({"meta": "{}", "state_dict": {"w": _Tensor((10**5,) * 2)}})
+        writer = torch._C.PyTorchFileWriter(str(path))
+        writer.write_record("data.pkl", buf.getvalue(), len(buf.getvalue()))
+        writer.write_record("byteorder", b"little", 6)
+        writer.write_record("data/0", b"\0" * 8, 8)
+        writer.write_end_of_file()
+        del writer
+        assert path.stat().st_size < 4096
+        with pytest.raises(CheckpointError, match=rf"{path} is not a readable stablemorph "
+                                                  r"checkpoint"):
+            load(path)
     assert peak_rss_mb() - before < 200
 
 

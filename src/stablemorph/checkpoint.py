@@ -299,7 +299,7 @@ def load_checkpoint(
     return Checkpoint(
         model=model,
         optimizer_state=_to_device(payload.get("optimizer"), map_location),
-        scheduler_state=payload.get("scheduler"),
+        scheduler_state=_to_device(payload.get("scheduler"), "cpu"),
         extra=meta["extra"],
         recipe={"base": meta["base"], "morphs": meta["morphs"]},
         optimizer_class=opt_meta.get("class"),
@@ -695,7 +695,7 @@ def _load_structure(payload: dict[str, Any], path: Path, allowed: set[str],
             raise CheckpointError(f"{path}: {name!r} was left without data")
     if isinstance(meta["base"], dict) and "hf" not in meta["base"]:
         object.__setattr__(model, BASE_ATTR, dict(meta["base"]))
-    _restore_history(model, meta["morphs"], payload.get("param_maps"), path)
+    _restore_history(model, meta["morphs"], _to_device(payload.get("param_maps"), "cpu"), path)
     return model
 
 
@@ -720,6 +720,7 @@ def _restore_history(model: nn.Module, morphs: list[dict[str, Any]], maps: Any,
 
 
 def _to_device(state: Any, device: str | torch.device) -> Any:
+    """``state`` with every tensor copied onto ``device`` (off the file's memory map)."""
     if state is None:
         return None
     if isinstance(state, Tensor):

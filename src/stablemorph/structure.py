@@ -19,9 +19,12 @@ classes), and every recorded attribute and every tensor set from the spec.
 
 Classes are read only from :data:`ALLOWED_PACKAGES` (``torch.nn``, ``stablemorph``,
 ``transformers``); values only as JSON scalars, tuples, lists, dicts, sets, ``torch.dtype``,
-``torch.Size``, dataclasses from those packages and Hugging Face configs. Anything else in a
-module that must be rebuilt makes :func:`describe`'s caller refuse at save time (see
-:func:`unbuildable`), so a file never holds a model it cannot load.
+``torch.Size``, dataclasses from those packages and Hugging Face configs; a ``torch.fx``
+``GraphModule`` (which ``insert_subnet`` makes of a block) as its graph, whose nodes may call
+only torch's built-in ops, ``torch.nn.functional``, ``operator`` and public tensor methods.
+Anything else in a module that must be rebuilt is recorded as opaque, and
+:func:`stablemorph.checkpoint.save` refuses the model up front (it rebuilds the spec on the
+meta device and compares), so a file never holds a model it cannot load.
 
 Hooks (``register_forward_hook`` and friends) are code and are not recorded.
 """
@@ -34,6 +37,7 @@ import importlib
 import keyword
 import operator
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -102,7 +106,7 @@ def resolve_class(name: Any, base: type = nn.Module) -> type:
 
 
 def _hf_config_class() -> type | None:
-    module = importlib.sys.modules.get("transformers")  # type: ignore[attr-defined]
+    module = sys.modules.get("transformers")   # only if the caller's code imported it
     return getattr(module, "PreTrainedConfig", None) or getattr(module, "PretrainedConfig",
                                                                  None)
 
@@ -117,10 +121,8 @@ def encode(value: Any) -> Any:
     Raises:
         Unencodable: a value of a type the spec cannot hold.
     """
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value
+    if value is None or type(value) in (bool, int, float, str):
+        return value   # exact types only: an IntEnum would come back a plain int
     if isinstance(value, torch.dtype):
         return ["dtype", str(value).removeprefix("torch.")]
     if isinstance(value, torch.Size):
@@ -135,7 +137,8 @@ def encode(value: Any) -> Any:
             raise Unencodable(type(value).__name__) from None
         return ["frozenset" if type(value) is frozenset else "set", items]
     if type(value) in (dict, OrderedDict):
-        return ["dict", [[encode(k), encode(v)] for k, v in value.items()]]
+        return ["dict" if type(value) is dict else "odict",
+                [[encode(k), encode(v)] for k, v in value.items()]]
     cls = type(value)
     hf = _hf_config_class()
     if hf is not None and isinstance(value, hf) and allowed(class_name(cls)):
@@ -169,8 +172,9 @@ def decode(data: Any) -> Any:
         if tag in ("tuple", "list", "set", "frozenset"):
             items = [decode(v) for v in args[0]]
             return {"tuple": tuple, "list": list, "set": set, "frozenset": frozenset}[tag](items)
-        if tag == "dict":
-            return {decode(k): decode(v) for k, v in args[0]}
+        if tag in ("dict", "odict"):
+            items = [(decode(k), decode(v)) for k, v in args[0]]
+            return dict(items) if tag == "dict" else OrderedDict(items)
         if tag == "dataclass":
             cls = resolve_class(args[0], object)
             if not dataclasses.is_dataclass(cls):
@@ -483,7 +487,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
 
 def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, bool | int | float | str)
+    return value is None or type(value) in (bool, int, float, str)
 
 
 def _slots(spec: Mapping[str, Any]) -> Iterator[tuple[str, str, str, dict[str, Any], bool]]:
