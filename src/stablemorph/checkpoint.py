@@ -199,13 +199,14 @@ def save(
         "base": recipe,
         "structure": spec,
         "morphs": [_record_json(r) for r in history(model)],
+        "param_maps": [_param_map_json(r) for r in history(model)],
         "extra": dict(extra or {}),
         "optimizer": None,
     }
     payload: dict[str, Any] = {
         "state_dict": state,
         "other_tensors": other,
-        "param_maps": [_param_map_plain(r) for r in history(model)],
+        "history_tensors": _history_tensors(history(model)),
     }
     if optimizer is not None:
         groups = []
@@ -299,7 +300,7 @@ def load_checkpoint(
     return Checkpoint(
         model=model,
         optimizer_state=_to_device(payload.get("optimizer"), map_location),
-        scheduler_state=_to_device(payload.get("scheduler"), "cpu"),
+        scheduler_state=payload.get("scheduler"),
         extra=meta["extra"],
         recipe={"base": meta["base"], "morphs": meta["morphs"]},
         optimizer_class=opt_meta.get("class"),
@@ -484,9 +485,24 @@ def _record_json(record: MorphRecord) -> dict[str, Any]:
             "report": report}
 
 
-def _param_map_plain(record: MorphRecord) -> dict[str, dict[str, Any]]:
-    return {name: {f.name: getattr(origin, f.name) for f in dataclasses.fields(origin)}
+def _param_map_json(record: MorphRecord) -> dict[str, dict[str, Any]]:
+    """The record's parameter map as JSON, tensor fields left out (see
+    :func:`_history_tensors`): JSON reads far faster than a pickle of many small dicts."""
+    return {name: {f.name: getattr(origin, f.name) for f in dataclasses.fields(origin)
+                   if not isinstance(getattr(origin, f.name), Tensor)}
             for name, origin in record.report.param_map.items()}
+
+
+def _history_tensors(records: list[MorphRecord]) -> dict[str, Tensor]:
+    """The tensor fields of every record's parameter map, keyed ``"i:name:field"``."""
+    out = {}
+    for i, record in enumerate(records):
+        for name, origin in record.report.param_map.items():
+            for f in dataclasses.fields(origin):
+                value = getattr(origin, f.name)
+                if isinstance(value, Tensor):
+                    out[f"{i}:{name}:{f.name}"] = value.detach()
+    return out
 
 
 def _check_plain(value: Any, where: str, path: Path) -> None:
@@ -592,7 +608,7 @@ def _write_atomically(payload: dict[str, Any], path: Path) -> None:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged archive
         first = str(err).splitlines()[0] if str(err) else ""
         raise CheckpointError(
@@ -684,7 +700,7 @@ def _load_structure(payload: dict[str, Any], path: Path, allowed: set[str],
                                   f"{(tuple(shape), dtype)}")
     base = _build_base(meta["base"], path, allowed, str(path), _limit(spec))
     try:
-        model = build(spec, lambda key: stored[key].to(map_location, copy=True), base=base)
+        model = build(spec, lambda key: stored[key].to(map_location), base=base)
     except StructureError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except Exception as err:   # a device that is not there, a class's own __setstate__...
@@ -695,36 +711,41 @@ def _load_structure(payload: dict[str, Any], path: Path, allowed: set[str],
             raise CheckpointError(f"{path}: {name!r} was left without data")
     if isinstance(meta["base"], dict) and "hf" not in meta["base"]:
         object.__setattr__(model, BASE_ATTR, dict(meta["base"]))
-    _restore_history(model, meta["morphs"], _to_device(payload.get("param_maps"), "cpu"), path)
+    _restore_history(model, meta, payload.get("history_tensors"), path)
     return model
 
 
-def _restore_history(model: nn.Module, morphs: list[dict[str, Any]], maps: Any,
+def _restore_history(model: nn.Module, meta: dict[str, Any], tensors_: Any,
                      path: Path) -> None:
-    if not isinstance(maps, list) or len(maps) != len(morphs):
+    morphs, maps = meta["morphs"], meta.get("param_maps")
+    if not (isinstance(maps, list) and len(maps) == len(morphs)
+            and isinstance(tensors_, dict)):
         raise CheckpointError(f"{path}: malformed morph history")
     report_fields = {f.name for f in dataclasses.fields(MorphReport)}
-    origin_fields = {f.name for f in dataclasses.fields(ParamOrigin)}
+    origin_fields = [f.name for f in dataclasses.fields(ParamOrigin)]
     records = []
     try:
-        for m, param_map in zip(morphs, maps, strict=True):
-            origins = {str(n): ParamOrigin(**{k: v for k, v in o.items() if k in origin_fields})
-                       for n, o in param_map.items()}
-            fields = {k: v for k, v in m["report"].items() if k in report_fields}
-            report = MorphReport(**{**fields, "op": m["op"], "target": m["target"],
-                                    "param_map": origins})
-            records.append(MorphRecord(m["op"], m["target"], m["kwargs"], report))
+        for i, (m, param_map) in enumerate(zip(morphs, maps, strict=True)):
+            origins = {}
+            for name, fields in param_map.items():
+                given = {k: v for k, v in fields.items() if k in origin_fields}
+                given.update({k: tensors_[f"{i}:{name}:{k}"] for k in origin_fields
+                              if f"{i}:{name}:{k}" in tensors_})
+                origins[str(name)] = ParamOrigin(**given)
+            report = {k: v for k, v in m["report"].items() if k in report_fields}
+            records.append(MorphRecord(m["op"], m["target"], m["kwargs"], MorphReport(
+                **{**report, "op": m["op"], "target": m["target"], "param_map": origins})))
     except (TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: malformed morph history ({err})") from None
     object.__setattr__(model, HISTORY_ATTR, records)
 
 
 def _to_device(state: Any, device: str | torch.device) -> Any:
-    """``state`` with every tensor copied onto ``device`` (off the file's memory map)."""
+    """``state`` with every tensor on ``device``."""
     if state is None:
         return None
     if isinstance(state, Tensor):
-        return state.to(device, copy=True)
+        return state.to(device)
     if isinstance(state, dict):
         return {k: _to_device(v, device) for k, v in state.items()}
     if isinstance(state, list | tuple):

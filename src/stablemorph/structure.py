@@ -708,30 +708,25 @@ def _build_one(
     state["_parameters"] = {}
     state["_buffers"] = {}
     state["_non_persistent_buffers_set"] = set()
-    for t in entry["params"]:
-        key = _key(path, t["name"])
-        if t.get("none"):
-            p = None
-        elif "same_as" in t:
-            p = _tensor_ref(tensor_by_key, t["same_as"], key)
-        else:
-            p = nn.Parameter(values(key), requires_grad=bool(t.get("requires_grad", True)))
-        state["_parameters"][t["name"]] = p
-        if p is not None:
-            tensor_by_key[key] = p
-    for t in entry["buffers"]:
-        key = _key(path, t["name"])
-        if t.get("none"):
-            b = None
-        elif "same_as" in t:
-            b = _tensor_ref(tensor_by_key, t["same_as"], key)
-        else:
-            b = values(key)
-        state["_buffers"][t["name"]] = b
-        if not t.get("persistent", True):
-            state["_non_persistent_buffers_set"].add(t["name"])
-        if b is not None:
-            tensor_by_key[key] = b
+    for kind, table in (("params", state["_parameters"]), ("buffers", state["_buffers"])):
+        for t in entry[kind]:
+            key = _key(path, t["name"])
+            if t.get("none"):
+                value = None
+            elif "same_as" in t:
+                value = _tensor_ref(tensor_by_key, t["same_as"], key)
+                if (kind == "params") != isinstance(value, nn.Parameter):
+                    raise StructureError(f"{key!r} is tied to {t['same_as']!r}, which is not a "
+                                         f"{'parameter' if kind == 'params' else 'buffer'}")
+            elif kind == "params":
+                value = nn.Parameter(values(key), requires_grad=bool(t.get("requires_grad", True)))
+            else:
+                value = values(key)
+            table[t["name"]] = value
+            if kind == "buffers" and not t.get("persistent", True):
+                state["_non_persistent_buffers_set"].add(t["name"])
+            if value is not None:
+                tensor_by_key[key] = value
     for t in entry["tensor_attrs"]:
         key = _key(path, f":{t['name']}")
         value = (_tensor_ref(tensor_by_key, t["same_as"], key) if "same_as" in t
