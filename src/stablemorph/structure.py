@@ -19,9 +19,10 @@ classes), and every recorded attribute and every tensor set from the spec.
 
 Classes are read only from :data:`ALLOWED_PACKAGES` (``torch.nn``, ``stablemorph``,
 ``transformers``); values only as JSON scalars, tuples, lists, dicts, sets, ``torch.dtype``,
-``torch.Size``, dataclasses from those packages and Hugging Face configs; a ``torch.fx``
-``GraphModule`` (which ``insert_subnet`` makes of a block) as its graph, whose nodes may call
-only torch's built-in ops, ``torch.nn.functional``, ``operator`` and public tensor methods.
+``torch.Size``, stablemorph's own dataclasses (``GPTConfig``) and Hugging Face configs; a
+``torch.fx`` ``GraphModule`` (which ``insert_subnet`` makes of a block) as its graph, whose
+nodes may call only torch's built-in ops, ``torch.nn.functional``, ``operator`` and public
+tensor methods.
 Anything else in a module that must be rebuilt is recorded as opaque, and
 :func:`stablemorph.checkpoint.save` refuses the model up front (it rebuilds the spec on the
 meta device and compares), so a file never holds a model it cannot load.
@@ -144,7 +145,7 @@ def encode(value: Any) -> Any:
     if hf is not None and isinstance(value, hf) and allowed(class_name(cls)):
         return ["hfconfig", class_name(cls), encode(value.to_dict()),
                 getattr(value, "_attn_implementation", None)]
-    if dataclasses.is_dataclass(value) and allowed(class_name(cls)):
+    if dataclasses.is_dataclass(value) and class_name(cls).startswith("stablemorph."):
         fields = dataclasses.fields(value)
         if any(not f.init for f in fields):
             raise Unencodable(cls.__name__)
@@ -176,6 +177,8 @@ def decode(data: Any) -> Any:
             items = [(decode(k), decode(v)) for k, v in args[0]]
             return dict(items) if tag == "dict" else OrderedDict(items)
         if tag == "dataclass":
+            if not str(args[0]).startswith("stablemorph."):   # no other package's code runs
+                raise StructureError(f"dataclass {args[0]!r:.80} is not stablemorph's")
             cls = resolve_class(args[0], object)
             if not dataclasses.is_dataclass(cls):
                 raise StructureError(f"{args[0]!r} is not a dataclass")
