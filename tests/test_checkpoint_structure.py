@@ -192,6 +192,12 @@ def test_classes_and_functions_outside_the_allow_list_are_refused(tmp_path: Path
         with pytest.raises(CheckpointError, match=rf"{path}: module 'flatten': class {cls!r} is "
                                                   r"outside the allowed packages"):
             load(path)
+    save(model, path)   # a dataclass whose __post_init__ would run (and set up a trainer)
+    edit(path, lambda meta, _p: meta["structure"]["modules"][0]["attrs"].update(
+        args=["dataclass", "transformers.training_args:TrainingArguments", [["output_dir", "x"]]]))
+    with pytest.raises(CheckpointError, match=r"dataclass 'transformers\.training_args:"
+                                              r"TrainingArguments' is not stablemorph's"):
+        load(path)
 
 
 def test_a_graph_may_call_only_allowed_functions(tmp_path: Path) -> None:
