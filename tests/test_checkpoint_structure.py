@@ -267,6 +267,13 @@ def test_every_save_loads_or_save_says_why(tmp_path: Path) -> None:
                                               r"\['fn'\]"):
         save(model, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+    model.act1.phi = nn.ReLU()
+    handle = model.fc1.register_forward_hook(lambda _m, _i, out: 2 * out)
+    with pytest.raises(CheckpointError, match=r"modules \['fc1'\] have forward or backward "
+                                              r"hooks.*remove them"):
+        save(model, tmp_path / "m.pt")
+    handle.remove()
+    save(model, tmp_path / "m.pt")
     lazy = nn.Sequential(nn.LazyLinear(3))
     with pytest.raises(CheckpointError, match=r"parameter '0\.weight' is uninitialised"):
         save(lazy, tmp_path / "m.pt")

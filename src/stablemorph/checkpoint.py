@@ -84,6 +84,7 @@ FORMAT = "stablemorph-checkpoint"
 VERSION = 2
 LEGACY_VERSION = 1
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _LEGACY_REPORT = ("scheme", "max_abs", "max_rel", "residual", "zero_fraction",
                   "near_zero_fraction", "changed", "seconds", "notes")
 
@@ -159,8 +160,8 @@ def save(
             ``transformers`` classes, or come unchanged from its base (below); possibly
             morphed or edited by hand. A DDP or DataParallel wrapper is unwrapped, and so is
             a ``torch.compile``d model: its ``_orig_mod`` is saved, and :func:`load` returns
-            that plain module (compile it again). Not modified. Hooks are code and are not
-            saved.
+            that plain module (compile it again). Not modified. Forward and backward hooks
+            are code and are refused: remove them before saving.
         path: the file to write (replaced atomically if it exists, keeping its permissions).
         optimizer: an optimiser over ``model``'s parameters, saved with their names.
         scheduler: its learning-rate scheduler (its ``state_dict``; lambdas are not saved:
@@ -187,6 +188,14 @@ def save(
         if isinstance(p, nn.parameter.UninitializedParameter):
             raise CheckpointError(f"cannot save {path}: parameter {name!r} is uninitialised (a "
                                   f"lazy module): run a forward pass first")
+    hooked = [name or "<root>" for name, m in model.named_modules()
+              if any(getattr(m, h) for h in _HOOKS)]
+    if hooked:
+        raise CheckpointError(
+            f"cannot save {path}: modules {hooked[:3]} have forward or backward hooks, which "
+            f"are code a checkpoint cannot hold (a hook may change what the model computes): "
+            f"remove them (handle.remove()) before saving and register them again after loading"
+        )
     recipe = _base_recipe(model, base, base_kwargs, path)
     spec = describe(model)
     _check_saveable(model, spec, recipe, path)

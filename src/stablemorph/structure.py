@@ -27,7 +27,8 @@ Anything else in a module that must be rebuilt is recorded as opaque, and
 :func:`stablemorph.checkpoint.save` refuses the model up front (it rebuilds the spec on the
 meta device and compares), so a file never holds a model it cannot load.
 
-Hooks (``register_forward_hook`` and friends) are code and are not recorded.
+Hooks (``register_forward_hook`` and friends) are code: not recorded (the checkpoint refuses
+models that have them).
 """
 
 from __future__ import annotations
