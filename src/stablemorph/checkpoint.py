@@ -31,7 +31,7 @@ naming ``"os:system"`` is refused, never run).
 
 Every save loads, or :func:`save` refuses up front: it rebuilds the structure on the meta
 device (running the base recipe, the factory included) and compares it with the model, naming
-the module it could not rebuild. Files are written atomically (a temporary file in the same
+the module it could not rebuild; modules with forward or backward hooks (code) are refused. Files are written atomically (a temporary file in the same
 directory, then ``os.replace``) with the permissions a new file gets under the umask, or those
 of the file replaced.
 
