@@ -31,9 +31,9 @@ naming ``"os:system"`` is refused, never run).
 
 Every save loads, or :func:`save` refuses up front: it rebuilds the structure on the meta
 device (running the base recipe, the factory included) and compares it with the model, naming
-the module it could not rebuild; modules with forward or backward hooks (code) are refused. Files are written atomically (a temporary file in the same
-directory, then ``os.replace``) with the permissions a new file gets under the umask, or those
-of the file replaced.
+the module it could not rebuild; modules with forward or backward hooks (code) are refused.
+Files are written atomically (a temporary file in the same directory, then ``os.replace``) with
+the permissions a new file gets under the umask, or those of the file replaced.
 
 Version-1 files (a base plus a replay of every morph through the solver) are read only with
 ``legacy_replay=True``: replay is as slow as the morphs and trusts the file's sizes.
@@ -63,20 +63,22 @@ from torch import Tensor, nn
 from stablemorph.optim import constructor_kwargs
 from stablemorph.record import HISTORY_ATTR, MorphRecord, MorphReport, ParamOrigin, history
 from stablemorph.structure import (
-    StructureError,
-    Unencodable,
     build,
     check_classes,
-    class_name,
-    decode,
     describe,
     differences,
-    encode,
     expected_tensors,
     meta_values,
     refused_classes,
-    resolve_class,
     tensors,
+)
+from stablemorph.structure_values import (
+    StructureError,
+    Unencodable,
+    class_name,
+    decode,
+    encode,
+    resolve_class,
 )
 from stablemorph.zoo import BASE_ATTR, build_model
 

@@ -17,15 +17,12 @@ module objects: where the base has a module of the same class at a path, that ob
 with its attributes the spec cannot record ("opaque": functions, devices, objects of other
 classes), and every recorded attribute and every tensor set from the spec.
 
-Classes are read only from :data:`ALLOWED_PACKAGES` (``torch.nn``, ``stablemorph``,
-``transformers``); values only as JSON scalars, tuples, lists, dicts, sets, ``torch.dtype``,
-``torch.Size``, stablemorph's own dataclasses (``GPTConfig``) and Hugging Face configs; a
-``torch.fx`` ``GraphModule`` (which ``insert_subnet`` makes of a block) as its graph, whose
-nodes may call only torch's built-in ops, ``torch.nn.functional``, ``operator`` and public
-tensor methods.
-Anything else in a module that must be rebuilt is recorded as opaque, and
-:func:`stablemorph.checkpoint.save` refuses the model up front (it rebuilds the spec on the
-meta device and compares), so a file never holds a model it cannot load.
+Classes and values are read as :mod:`stablemorph.structure_values` allows (``torch.nn``,
+``stablemorph``, ``transformers``; JSON values), a ``torch.fx`` ``GraphModule`` as its graph
+(:mod:`stablemorph.structure_graph`). Anything else in a module that must be rebuilt is
+recorded as opaque, and :func:`stablemorph.checkpoint.save` refuses the model up front (it
+rebuilds the spec on the meta device and compares), so a file never holds a model it cannot
+load.
 
 Hooks (``register_forward_hook`` and friends) are code: not recorded (the checkpoint refuses
 models that have them).
@@ -33,372 +30,35 @@ models that have them).
 
 from __future__ import annotations
 
-import builtins
-import dataclasses
-import importlib
-import keyword
-import operator
-import re
-import sys
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-ALLOWED_PACKAGES = ("torch.nn", "stablemorph", "transformers")
-"""Packages whose classes a spec may name (the package itself or any module under it)."""
+from stablemorph.structure_graph import (
+    GRAPH_MACHINERY,
+    GRAPH_MODULE,
+    IDENT,
+    build_graph_module,
+    describe_graph,
+)
+from stablemorph.structure_values import (
+    StructureError,
+    Unencodable,
+    allowed,
+    class_name,
+    decode,
+    dtype_of,
+    encode,
+    resolve_class,
+    shape_of,
+)
 
 SKIPPED_ATTRS = frozenset({"_stablemorph_history", "_stablemorph_base"})
 """Attributes the checkpoint records separately (morph history, base recipe)."""
 
 _MACHINERY = frozenset(vars(nn.Module())) - {"training"}
-_CLASS = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values()
-           if isinstance(d, torch.dtype)}
-
-
-class StructureError(ValueError):
-    """A spec is malformed, names a class outside the allow-list, or cannot be built."""
-
-
-class Unencodable(Exception):
-    """A value a spec cannot hold as JSON (internal: becomes an opaque attribute)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# classes
-
-
-def class_name(cls: type) -> str:
-    """``"package.module:QualName"`` of ``cls``."""
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def allowed(name: str) -> bool:
-    """Whether a class name lies in :data:`ALLOWED_PACKAGES`."""
-    module = name.partition(":")[0]
-    return any(module == p or module.startswith(p + ".") for p in ALLOWED_PACKAGES)
-
-
-def resolve_class(name: Any, base: type = nn.Module) -> type:
-    """The class named ``"package.module:QualName"``, imported only from an allowed package
-    and only if it is a subclass of ``base``.
-
-    Raises:
-        StructureError: a malformed name, a package outside the allow-list, no such class.
-    """
-    if not isinstance(name, str) or not _CLASS.match(name):
-        raise StructureError(f"malformed class name {name!r}")
-    if not allowed(name):
-        raise StructureError(f"class {name!r} is outside the allowed packages "
-                             f"{', '.join(ALLOWED_PACKAGES)}")
-    module_name, _, qualname = name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
-        raise StructureError(f"class {name!r} does not exist here ({err})") from None
-    if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise StructureError(f"{name!r} is not a subclass of {base.__name__}")
-    return obj
-
-
-def _hf_config_class() -> type | None:
-    module = sys.modules.get("transformers")   # only if the caller's code imported it
-    return getattr(module, "PreTrainedConfig", None) or getattr(module, "PretrainedConfig",
-                                                                 None)
-
-
-# ----------------------------------------------------------------------------------------------
-# values <-> JSON: scalars as themselves, everything else a tagged list ["tag", ...]
-
-
-def encode(value: Any) -> Any:
-    """``value`` as JSON (scalars as is, containers and objects as ``["tag", ...]``).
-
-    Raises:
-        Unencodable: a value of a type the spec cannot hold.
-    """
-    if value is None or type(value) in (bool, int, float, str):
-        return value   # exact types only: an IntEnum would come back a plain int
-    if isinstance(value, torch.dtype):
-        return ["dtype", str(value).removeprefix("torch.")]
-    if isinstance(value, torch.Size):
-        return ["size", list(value)]
-    if type(value) in (tuple, list):
-        return ["tuple" if type(value) is tuple else "list", [encode(v) for v in value]]
-    if type(value) in (set, frozenset):
-        items = [encode(v) for v in value]
-        try:
-            items.sort(key=repr)
-        except TypeError:
-            raise Unencodable(type(value).__name__) from None
-        return ["frozenset" if type(value) is frozenset else "set", items]
-    if type(value) in (dict, OrderedDict):
-        return ["dict" if type(value) is dict else "odict",
-                [[encode(k), encode(v)] for k, v in value.items()]]
-    cls = type(value)
-    hf = _hf_config_class()
-    if hf is not None and isinstance(value, hf) and allowed(class_name(cls)):
-        return ["hfconfig", class_name(cls), encode(value.to_dict()),
-                getattr(value, "_attn_implementation", None)]
-    if dataclasses.is_dataclass(value) and class_name(cls).startswith("stablemorph."):
-        fields = dataclasses.fields(value)
-        if any(not f.init for f in fields):
-            raise Unencodable(cls.__name__)
-        return ["dataclass", class_name(cls),
-                [[f.name, encode(getattr(value, f.name))] for f in fields]]
-    raise Unencodable(cls.__name__)
-
-
-def decode(data: Any) -> Any:
-    """The value :func:`encode` wrote (classes only from the allow-list).
-
-    Raises:
-        StructureError: malformed data or a class outside the allow-list.
-    """
-    if data is None or isinstance(data, bool | int | float | str):
-        return data
-    if not (isinstance(data, list) and data and isinstance(data[0], str)):
-        raise StructureError(f"malformed value {data!r:.80}")
-    tag, args = data[0], data[1:]
-    try:
-        if tag == "dtype":
-            return _DTYPES[args[0]]
-        if tag == "size":
-            return torch.Size(_ints(args[0]))
-        if tag in ("tuple", "list", "set", "frozenset"):
-            items = [decode(v) for v in args[0]]
-            return {"tuple": tuple, "list": list, "set": set, "frozenset": frozenset}[tag](items)
-        if tag in ("dict", "odict"):
-            items = [(decode(k), decode(v)) for k, v in args[0]]
-            return dict(items) if tag == "dict" else OrderedDict(items)
-        if tag == "dataclass":
-            if not str(args[0]).startswith("stablemorph."):   # no other package's code runs
-                raise StructureError(f"dataclass {args[0]!r:.80} is not stablemorph's")
-            cls = resolve_class(args[0], object)
-            if not dataclasses.is_dataclass(cls):
-                raise StructureError(f"{args[0]!r} is not a dataclass")
-            return cls(**{str(k): decode(v) for k, v in args[1]})
-        if tag == "hfconfig":
-            hf = _hf_config_class() or resolve_class("transformers:PreTrainedConfig", object)
-            cls = resolve_class(args[0], hf)
-            config = cls.from_dict(decode(args[1]))
-            if args[2] is not None:
-                config._attn_implementation = str(args[2])
-            return config
-    except StructureError:
-        raise
-    except Exception as err:  # a bad field, a dataclass's own validation...
-        raise StructureError(f"cannot decode {tag} value: {type(err).__name__}: {err}"
-                             ) from None
-    raise StructureError(f"unknown value tag {tag!r}")
-
-
-def _ints(shape: Any) -> list[int]:
-    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-        raise StructureError(f"malformed shape {shape!r:.80}")
-    return shape
-
-
-def dtype_of(name: Any) -> torch.dtype:
-    """The ``torch.dtype`` called ``name`` (``"float32"``)."""
-    if not isinstance(name, str) or name not in _DTYPES:
-        raise StructureError(f"unknown dtype {name!r:.40}")
-    return _DTYPES[name]
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.fx graphs (the GraphModules a morph makes when it rewires a block's forward)
-
-GRAPH_MODULE = "torch.fx.graph_module:GraphModule"
-"""The class name a spec gives a ``torch.fx.GraphModule`` (rebuilt from its graph)."""
-
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DENIED_TORCH = frozenset({"from_file", "load", "save", "seed", "manual_seed", "initial_seed",
-                           "compile", "use_deterministic_algorithms"})
-_DENIED_OPERATOR = frozenset({"call", "attrgetter", "itemgetter", "methodcaller"})
-
-
-def _function_table() -> dict[str, Callable[..., Any]]:
-    """The functions a graph may call: torch's built-in ops, ``torch.nn.functional``, the
-    ``operator`` module and ``getattr``; nothing that touches files or global state."""
-    table: dict[str, Callable[..., Any]] = {"builtins:getattr": builtins.getattr}
-    for name, fn in vars(operator).items():
-        if callable(fn) and not name.startswith("_") and name not in _DENIED_OPERATOR:
-            table[f"operator:{name}"] = fn
-    for name, fn in vars(F).items():
-        if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == (
-                "torch.nn.functional") and not isinstance(fn, type):
-            table[f"torch.nn.functional:{name}"] = fn
-    for name, fn in vars(torch).items():
-        if (type(fn).__name__ == "builtin_function_or_method" and not name.startswith("_")
-                and not name.startswith("set_") and name not in _DENIED_TORCH):
-            table[f"torch:{name}"] = fn
-    return table
-
-
-_FUNCTIONS: dict[str, Callable[..., Any]] | None = None
-
-
-def _functions() -> tuple[dict[str, Callable[..., Any]], dict[int, str]]:
-    global _FUNCTIONS
-    if _FUNCTIONS is None:
-        _FUNCTIONS = _function_table()
-    return _FUNCTIONS, {id(fn): name for name, fn in _FUNCTIONS.items()}
-
-
-_TORCH_CONSTANTS = (torch.dtype, torch.device, torch.memory_format, torch.layout)
-
-
-def _encode_arg(value: Any) -> Any:
-    if isinstance(value, fx.Node):
-        return ["node", value.name]
-    if isinstance(value, slice):
-        return ["slice", _encode_arg(value.start), _encode_arg(value.stop),
-                _encode_arg(value.step)]
-    if value is Ellipsis:
-        return ["ellipsis"]
-    if isinstance(value, torch.device):
-        return ["device", str(value)]
-    if isinstance(value, torch.memory_format | torch.layout):
-        return ["torch", str(value).removeprefix("torch.")]
-    if isinstance(value, tuple | list) and not isinstance(value, torch.Size):
-        return ["tuple" if isinstance(value, tuple) else "list", [_encode_arg(v) for v in value]]
-    if isinstance(value, dict):
-        return ["dict", [[encode(k), _encode_arg(v)] for k, v in value.items()]]
-    return encode(value)
-
-
-def _decode_arg(data: Any, nodes: Mapping[str, fx.Node]) -> Any:
-    if isinstance(data, list) and data and isinstance(data[0], str):
-        tag = data[0]
-        if tag == "node":
-            if data[1] not in nodes:
-                raise StructureError(f"graph refers to node {data[1]!r} before it")
-            return nodes[data[1]]
-        if tag == "slice":
-            return slice(*(_decode_arg(v, nodes) for v in data[1:4]))
-        if tag == "ellipsis":
-            return Ellipsis
-        if tag == "device":
-            try:
-                return torch.device(str(data[1]))
-            except RuntimeError as err:
-                raise StructureError(f"bad device {data[1]!r:.40}: {err}") from None
-        if tag == "torch":
-            value = getattr(torch, str(data[1]), None)
-            if not isinstance(value, torch.memory_format | torch.layout):
-                raise StructureError(f"unknown torch constant {data[1]!r:.40}")
-            return value
-        if tag in ("tuple", "list"):
-            items = [_decode_arg(v, nodes) for v in data[1]]
-            return tuple(items) if tag == "tuple" else items
-        if tag == "dict":
-            return {decode(k): _decode_arg(v, nodes) for k, v in data[1]}
-    return decode(data)
-
-
-def describe_graph(gm: fx.GraphModule) -> dict[str, Any]:
-    """``gm``'s graph as JSON: ``class_name`` and one ``[name, op, target, args, kwargs]``
-    per node (types and node metadata are not kept).
-
-    Raises:
-        Unencodable: a call of a function outside the graph allow-list, an argument or a
-            code generator (pytree in/out specs) a file cannot hold.
-    """
-    if type(gm.graph._codegen) is not fx.graph.CodeGen:
-        raise Unencodable(f"graph code generator {type(gm.graph._codegen).__name__}")
-    _, names = _functions()
-    nodes = []
-    for node in gm.graph.nodes:
-        target: Any = node.target
-        if node.op == "call_function":
-            if id(target) not in names:
-                raise Unencodable(f"graph call of {getattr(target, '__name__', target)!r}")
-            target = names[id(target)]
-        nodes.append([node.name, node.op, target, _encode_arg(node.args),
-                      _encode_arg(node.kwargs)])
-    return {"class_name": type(gm).__name__, "nodes": nodes}
-
-
-def _dotted(target: Any) -> bool:
-    return isinstance(target, str) and all(
-        _IDENT.match(p) and not keyword.iskeyword(p) for p in target.split("."))
-
-
-def build_graph_module(data: Any, path: str) -> fx.GraphModule:
-    """A ``GraphModule`` running the graph ``data`` describes, with empty placeholder
-    submodules (the caller fills in children, parameters and buffers). Node names and
-    targets must be identifiers; functions only from the graph allow-list; methods only
-    public ``torch.Tensor`` methods; ``getattr`` only of public names.
-
-    Raises:
-        StructureError: anything else.
-    """
-    functions, _ = _functions()
-    if not (isinstance(data, dict) and isinstance(data.get("nodes"), list)
-            and isinstance(data.get("class_name"), str) and _IDENT.match(data["class_name"])):
-        raise StructureError(f"module {path!r}: malformed graph")
-    graph = fx.Graph()
-    nodes: dict[str, fx.Node] = {}
-    owners: dict[str, nn.Module] = {}
-    for item in data["nodes"]:
-        if not (isinstance(item, list) and len(item) == 5):
-            raise StructureError(f"module {path!r}: malformed graph node")
-        name, op, target, args, kwargs = item
-        if not (isinstance(name, str) and _IDENT.match(name) and not keyword.iskeyword(name)):
-            raise StructureError(f"module {path!r}: bad graph node name {name!r:.40}")
-        if op == "call_function":
-            if target not in functions:
-                raise StructureError(f"module {path!r}: the graph calls {target!r:.60}, which "
-                                     f"is not an allowed function")
-            target = functions[target]
-        elif op == "call_method":
-            if not (isinstance(target, str) and _IDENT.match(target)
-                    and not target.startswith("_") and hasattr(Tensor, target)):
-                raise StructureError(f"module {path!r}: the graph calls method {target!r:.40}, "
-                                     f"which is not a public tensor method")
-        elif op == "placeholder":
-            if not (isinstance(target, str) and _dotted(target.lstrip("*"))
-                    and "." not in target):
-                raise StructureError(f"module {path!r}: bad graph input {target!r:.40}")
-        elif op in ("call_module", "get_attr"):
-            if not _dotted(target):
-                raise StructureError(f"module {path!r}: bad graph target {target!r:.40}")
-            owners[target] = nn.Module()
-        elif op != "output" or target != "output":
-            raise StructureError(f"module {path!r}: unknown graph op {op!r:.40}")
-        a, k = _decode_arg(args, nodes), _decode_arg(kwargs, nodes)
-        if not (isinstance(a, tuple) and isinstance(k, dict)):
-            raise StructureError(f"module {path!r}: malformed arguments of node {name!r}")
-        if target is builtins.getattr and not (
-                len(a) == 2 and isinstance(a[1], str) and _IDENT.match(a[1])
-                and not a[1].startswith("_")):
-            raise StructureError(f"module {path!r}: node {name!r} reads a private attribute")
-        node = graph.create_node(op, target, a, k, name=name)
-        if node.name != name:
-            raise StructureError(f"module {path!r}: graph node name {name!r} used twice")
-        nodes[name] = node
-    try:
-        graph.lint()
-        return fx.GraphModule(owners, graph, class_name=data["class_name"])
-    except Exception as err:
-        raise StructureError(f"module {path!r}: its graph does not build: "
-                             f"{type(err).__name__}: {err}") from None
-
-
-def _graph_machinery() -> frozenset[str]:
-    graph = fx.Graph()
-    graph.output(graph.placeholder("x"))
-    return frozenset(vars(fx.GraphModule(nn.Module(), graph))) - {"training"}
-
-
-_GM_MACHINERY = _graph_machinery()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +99,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
                                  "opaque": [], "children": list(module._modules)}
         machinery = _MACHINERY
         if isinstance(module, fx.GraphModule):
-            machinery = _GM_MACHINERY
+            machinery = GRAPH_MACHINERY
             try:
                 entry.update({"class": GRAPH_MODULE, "graph": describe_graph(module)})
             except Unencodable as err:
@@ -539,7 +199,7 @@ def expected_tensors(spec: Mapping[str, Any]) -> dict[str, tuple[list[int], torc
         elif via_alias:
             continue   # filled below from the module it aliases
         else:
-            meta = (_ints(t.get("shape")), dtype_of(t.get("dtype")))
+            meta = (shape_of(t.get("shape")), dtype_of(t.get("dtype")))
         if key in by_key:
             raise StructureError(f"tensor {key!r} listed twice")
         by_key[key] = meta
@@ -680,10 +340,10 @@ def _build_one(
             module = cls.__new__(cls)
             nn.Module.__init__(module)
     state = module.__dict__
-    machinery = _GM_MACHINERY if "graph" in entry else _MACHINERY
+    machinery = GRAPH_MACHINERY if "graph" in entry else _MACHINERY
     names = [*entry["attrs"], *entry["opaque"], *(t["name"] for t in entry["tensor_attrs"])]
     for name in names:
-        if not (isinstance(name, str) and _IDENT.match(name)) or name in machinery:
+        if not (isinstance(name, str) and IDENT.match(name)) or name in machinery:
             raise StructureError(f"module {path!r}: bad attribute name {name!r:.40}")
     for name in [n for n in state if n not in machinery and n not in SKIPPED_ATTRS
                  and n != "training" and n not in names]:
