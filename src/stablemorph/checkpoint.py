@@ -173,7 +173,8 @@ def save(
             model's *unmorphed* base, needed only when the model holds modules of other
             classes (or attributes JSON cannot hold): those must come unchanged from the
             base. Zoo models and Hugging Face models record their base themselves. The
-            function is run once here (on the meta device) to check the file will load.
+            function must build on the meta device (``with torch.device("meta")``: no data-
+            dependent steps, no weights read); it is run once here to check the file loads.
         base_kwargs: JSON keyword arguments for ``base``.
 
     Raises:
