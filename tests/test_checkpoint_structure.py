@@ -82,6 +82,20 @@ def test_token_and_several_inputs_round_trip(tmp_path: Path) -> None:
     assert torch.equal(loaded(tokens, x), model(tokens, x))
 
 
+def make_data_dependent() -> TwoInputs:
+    model = TwoInputs()
+    model.right.weight.data *= float(model.left.weight.abs().max())  # needs real data
+    return model
+
+
+def test_a_factory_that_cannot_build_on_the_meta_device(tmp_path: Path) -> None:
+    factory = f"{__name__}:make_data_dependent"
+    with pytest.raises(CheckpointError, match=rf"cannot save .*m\.pt: building its base with "
+                                              rf"'{factory}' \(on the meta device\) failed"):
+        save(make_data_dependent(), tmp_path / "m.pt", base=factory)
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_compiled_model_saves_its_module(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = widen(build_model("mlp", in_features=6, hidden=[4]), "fc1", 7,
