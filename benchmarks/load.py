@@ -11,7 +11,8 @@ with ``kernel_size=3`` under ``"stable"``, one after the other, probe ``4x3x32x3
 against the grown model in eval and train mode). Then the same model saved in format 1 by the
 code before format 2 (``--before``, in a subprocess: it morphs and saves, then times its own
 ``load``, which replays every morph), and that file loaded here with
-``load(..., legacy_replay=True)`` (replay with this branch's morphs), median of ``--runs``.
+``load(..., legacy_replay=True)`` (replay with this branch's morphs, then the old code's
+weights), median of ``--runs``, checked against the old code's model's outputs.
 Results go to ``benchmarks/results/load.md`` with the machine, the load average and the
 command.
 """
@@ -67,7 +68,10 @@ started = time.perf_counter()
 loaded = load(sys.argv[1])
 replay = time.perf_counter() - started
 x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-same = torch.equal(loaded.eval()(x), model.eval()(x))
+with torch.no_grad():
+    y = model.eval()(x)
+    same = torch.equal(loaded.eval()(x), y)
+torch.save(y, sys.argv[2])
 print(json.dumps({"morph": morph, "load": replay, "same": same, "targets": n}))
 """.replace("SHAPE", repr(SHAPE))
 
@@ -114,21 +118,28 @@ def main() -> int:
         print(f"run {run}: {rows[-1]}", flush=True)
     size = (tmp / "v2.pt").stat().st_size
     before = legacy = None
+    legacy_same: list[bool] = []
     if args.before is not None:
         env = {**os.environ, "PYTHONPATH": str(args.before)}
-        proc = subprocess.run([sys.executable, "-c", BEFORE, str(tmp / "v1.pt")], env=env,
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-c", BEFORE, str(tmp / "v1.pt"),
+                               str(tmp / "y1.pt")], env=env, capture_output=True, text=True,
+                              check=True)
+        y1 = torch.load(tmp / "y1.pt", weights_only=True)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
         before = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"before: {before}", flush=True)
-        legacy = []
+        legacy, legacy_same = [], []
         for run in range(args.runs):
             started = time.perf_counter()
             replayed = load(tmp / "v1.pt", legacy_replay=True)
             legacy.append(time.perf_counter() - started)
-            print(f"legacy run {run}: {legacy[-1]:.1f}s, equal to this run's grown model: "
-                  f"{same_outputs(replayed, model)}", flush=True)
+            with torch.no_grad():
+                same = torch.equal(replayed.eval()(x), y1)
+            legacy_same.append(same)
+            print(f"legacy run {run}: {legacy[-1]:.1f}s, equal to the model the old code "
+                  f"saved (eval mode): {same}", flush=True)
     load_end = os.getloadavg()
-    write(args, rows, size, before, legacy, load_start, load_end)
+    write(args, rows, size, before, legacy, all(legacy_same), load_start, load_end)
     return 0
 
 
@@ -137,7 +148,8 @@ def joined(rows: list[dict], key: str, digits: int) -> str:
 
 
 def write(args: argparse.Namespace, rows: list[dict], size: int, before: dict | None,
-          legacy: list[float] | None, load_start: tuple, load_end: tuple) -> None:
+          legacy: list[float] | None, legacy_same: bool, load_start: tuple,
+          load_end: tuple) -> None:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
@@ -181,7 +193,9 @@ def write(args: argparse.Namespace, rows: list[dict], size: int, before: dict | 
         "",
         f"Loaded models equal to the grown one bit for bit (eval and train mode): "
         f"{all(r['same'] for r in rows)}"
-        + (f"; the old code's own round trip: {before['same']}" if before else "") + ".",
+        + (f"; the old code's own round trip: {before['same']}; the format-1 file replayed "
+           f"here against the model the old code saved (eval mode): {legacy_same}"
+           if before else "") + ".",
         "",
         f"Load (format 2) against the morphs: {loading / morph:.4f}x (goal: at most 0.1x)."
         + (f" Against format 1's replay in this run: {statistics.median(legacy) / loading:.0f}x "
