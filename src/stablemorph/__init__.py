@@ -14,6 +14,7 @@ from stablemorph.activations import PAct, clamp_pact_
 from stablemorph.checkpoint import CheckpointError, load, load_checkpoint, save
 from stablemorph.ddp import morph_ddp
 from stablemorph.equation import composite, feasibility, min_mid_channels
+from stablemorph.flops import FlopMeter, step_flops
 from stablemorph.handlers import register_handler
 from stablemorph.hf import grow
 from stablemorph.morphs import (
@@ -27,6 +28,13 @@ from stablemorph.morphs import (
     widen,
 )
 from stablemorph.optim import transfer_optimizer, transfer_scheduler
+from stablemorph.progressive import (
+    GrowthError,
+    GrowthSchedule,
+    PlateauTrigger,
+    ProgressiveGrowth,
+    grow_in_place,
+)
 from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, history, last_report
 from stablemorph.solvers import DecompositionError, DecompositionReport, decompose
 from stablemorph.verify import VerifyReport, verify
@@ -37,11 +45,17 @@ __all__ = [
     "CheckpointError",
     "DecompositionError",
     "DecompositionReport",
+    "FlopMeter",
+    "GrowthCallback",
+    "GrowthError",
+    "GrowthSchedule",
     "MorphError",
     "MorphRecord",
     "MorphReport",
     "PAct",
     "ParamOrigin",
+    "PlateauTrigger",
+    "ProgressiveGrowth",
     "ResidualBranch",
     "VerifyReport",
     "apply",
@@ -53,6 +67,7 @@ __all__ = [
     "enlarge_kernel",
     "feasibility",
     "grow",
+    "grow_in_place",
     "history",
     "insert_subnet",
     "last_report",
@@ -62,6 +77,7 @@ __all__ = [
     "morph_ddp",
     "register_handler",
     "save",
+    "step_flops",
     "transfer_optimizer",
     "transfer_scheduler",
     "verify",
@@ -69,3 +85,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # GrowthCallback subclasses transformers.TrainerCallback: import transformers only on use.
+    if name == "GrowthCallback":
+        from stablemorph.trainer import GrowthCallback
+
+        return GrowthCallback
+    raise AttributeError(f"module 'stablemorph' has no attribute {name!r}")
