@@ -260,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     from stablemorph.hf import cli as hf_cli  # the `grow` subcommand (Hugging Face folders)
 
     hf_cli.add_parser(sub)
+    from stablemorph.experiment.progressive import add_arguments as progressive_arguments
+
+    progressive_arguments(sub.add_parser(
+        "progressive",
+        help="grow a GPT during training; FLOPs and time saved against scratch",
+        description="Progressive growth of a character-level GPT (exact schemes, block "
+        "stacking, random new blocks, a plateau trigger) against the large model trained "
+        "from scratch under the same FLOPs budget.",
+    ))
     return parser
 
 
@@ -468,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
             from stablemorph.hf import cli as hf_cli
 
             return hf_cli.run(args)
+        if args.command == "progressive":
+            from stablemorph.experiment.progressive import run_from_args
+
+            return run_from_args(args)
         return _run_tool(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"stablemorph {args.command}: error: {err}", file=sys.stderr)

@@ -1,0 +1,62 @@
+"""The progressive-growth benchmark's machinery on a tiny configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stablemorph.experiment.progressive import (
+    ProgressiveConfig,
+    random_blocks,
+    run,
+    stack_blocks,
+)
+from stablemorph.transformer.model import GPT
+
+
+def _tiny(**kw) -> ProgressiveConfig:
+    base = dict(d_model=16, n_head=2, block_size=16, batch_size=4, layers=(1, 2, 4),
+                budget_steps=30, stage_fractions=(0.2, 0.4), timing=((0.5, 0.7),),
+                warmup_steps=5, eval_every=5, eval_windows=8, spike_window=10, seeds=(0,),
+                max_chars=30_000, arms=("scratch", "stable", "stack", "random", "plateau"))
+    return ProgressiveConfig(**{**base, **kw})
+
+
+def test_run_writes_report_and_spends_the_same_budget(tmp_path):
+    summary = run(_tiny(), tmp_path, command="stablemorph progressive ...")
+    assert {"scratch", "stable", "stack", "random", "plateau", "stable@0.5,0.7"} <= set(summary)
+    text = (tmp_path / "progressive.md").read_text()
+    assert "| stable |" in text and "stablemorph progressive ..." in text
+    assert (tmp_path / "progressive.png").stat().st_size > 0
+    import json
+
+    runs = json.loads((tmp_path / "progressive.json").read_text())["runs"]
+    budget = runs["scratch/0"]["points"][-1][1]
+    for key, curve in runs.items():
+        flops = curve["points"][-1][1]
+        assert budget <= flops < budget * 1.1, key  # every arm stops at the same budget
+    assert [n for _, n in runs["stable/0"]["growths"]] == [2, 4]
+    # Exact growth: the loss at the growth step is the loss just before it.
+    assert summary["stable"]["spike"][0] >= 0.0
+    again = run(_tiny(), tmp_path)  # resumed: nothing re-run, same summary
+    assert again["stable"]["final"] == summary["stable"]["final"]
+
+
+def test_anchors_are_not_exact_but_keep_the_parent_blocks():
+    torch.manual_seed(0)
+    cfg = _tiny()
+    parent = GPT(cfg.gpt(2))
+    x = torch.randint(0, 97, (2, 16))
+    stacked = stack_blocks(parent, 4)
+    torch.testing.assert_close(stacked.blocks[2].attn.q.weight, parent.blocks[0].attn.q.weight)
+    rand = random_blocks(parent, 4, seed=1)
+    assert not torch.allclose(rand(x), parent(x))
+    with pytest.raises(ValueError, match="not a multiple"):
+        stack_blocks(parent, 5)
+
+
+def test_config_refuses_bad_schedules():
+    with pytest.raises(ValueError, match="layers must grow"):
+        _tiny(layers=(4, 2))
+    with pytest.raises(ValueError, match="stage fractions"):
+        _tiny(stage_fractions=(0.4, 0.2))
