@@ -15,15 +15,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stablemorph.checkpoint import load, save
-from stablemorph.ddp import (
-    ddp_constructor_kwargs,
-    launch,
-    morph_ddp,
-    rank_slice,
-    train_ddp,
-)
+from stablemorph.ddp import ddp_constructor_kwargs, morph_ddp
 from stablemorph.experiment.data import Dataset, load_dataset
-from stablemorph.experiment.train import train
+from stablemorph.experiment.launch import launch
+from stablemorph.experiment.train import rank_slice, train
 from stablemorph.morphs import MORPHS, MorphError, apply, deepen, widen
 from stablemorph.optim import transfer_optimizer, transfer_scheduler
 from stablemorph.zoo import build_model
@@ -66,14 +61,14 @@ def ddp_run(data: Dataset) -> dict:
     ddp = DDP(parent())
     opt = make_opt(ddp.parameters())
     sched = make_sched(opt)
-    records = train_ddp(ddp, data, opt, steps=MORPH_AT, seed=SEED, batch_size=BATCH,
+    records = train(ddp, data, opt, steps=MORPH_AT, seed=SEED, batch_size=BATCH,
                         scheduler=sched, eval_steps=EVALS)
     before = ddp
     ddp, opt = morph_ddp(ddp, "widen", "fc1", optimizer=opt, **WIDEN)
     ddp, opt = morph_ddp(ddp, "deepen", "fc2", optimizer=opt, **DEEPEN)
     sched = transfer_scheduler(sched, opt)
     after_morph = gathered(ddp.module)
-    records += train_ddp(ddp, data, opt, steps=STEPS, start_step=MORPH_AT, seed=SEED,
+    records += train(ddp, data, opt, steps=STEPS, start_step=MORPH_AT, seed=SEED,
                          batch_size=BATCH, scheduler=sched, eval_steps=EVALS)
     rank = dist.get_rank()
 
@@ -157,7 +152,7 @@ def test_launch_reports_a_failing_rank_and_times_out() -> None:
     with pytest.raises(TimeoutError, match="2 processes did not finish within 3 s"):
         launch(hang, 2, timeout=3)
     assert time.monotonic() - started < 20
-    with pytest.raises(ValueError, match="nproc must be >= 1"):
+    with pytest.raises(ValueError, match="nproc must be an int >= 1, got 0"):
         launch(hang, 0)
 
 

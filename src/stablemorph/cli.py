@@ -56,7 +56,7 @@ def _json(text: str) -> dict[str, Any]:
 
 
 def _add_experiment_options(p: argparse.ArgumentParser, demo: bool) -> None:
-    from stablemorph.experiment.stability import BASELINES, SCHEMES
+    from stablemorph.experiment.stability import ARM_OPTIONS, BASELINES, SCHEMES
 
     p.add_argument(
         "--out",
@@ -72,8 +72,9 @@ def _add_experiment_options(p: argparse.ArgumentParser, demo: bool) -> None:
         "--schemes",
         nargs="+",
         default=list(SCHEMES),
-        choices=SCHEMES,
-        help="morph schemes compared (default: all)",
+        help=f"morph schemes compared, each optionally with +options, e.g. netmorph+lr "
+        f"(schemes {', '.join(SCHEMES)}; options {', '.join(ARM_OPTIONS)}; default: the "
+        f"three schemes)",
     )
     p.add_argument(
         "--baselines",
@@ -92,6 +93,13 @@ def _add_experiment_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _experiment_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from stablemorph.experiment.growth import ALL_MORPHS
+    from stablemorph.experiment.stability import REGIMES
+
+    return ALL_MORPHS, REGIMES
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stablemorph",
@@ -100,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    morph_choices, regime_choices = _experiment_choices()
 
     demo = sub.add_parser(
         "demo",
@@ -124,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--dataset",
         default=None,
-        help="fashion-mnist | mnist | cifar10 | digits (default: fashion-mnist if "
+        help="fashion-mnist | mnist | cifar10 | digits | text (the Python standard "
+        "library's source, for --model gpt; its default) (default: fashion-mnist if "
         "installed, else digits)",
     )
     exp.add_argument(
@@ -140,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--model",
         default="cnn",
-        help="zoo model: cnn | vgg | resnet | depthwise | mlp, "
-        "or tiny-gpt for the transformer experiment (default: %(default)s)",
+        help="zoo model: cnn | vgg | resnet | depthwise | mlp, or gpt (the project's "
+        "character-level GPT, on --dataset text; tiny-gpt is the same) (default: %(default)s)",
     )
     exp.add_argument(
         "--model-kwargs",
@@ -151,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument(
         "--morph",
-        default="deepen",
-        choices=["deepen", "widen", "enlarge_kernel"],
-        help="the morph applied to every target (default: %(default)s)",
+        default=None,
+        choices=list(morph_choices),
+        help="the morph applied to every target: deepen, widen, insert_subnet, "
+        "enlarge_kernel (CNN/MLP), depth, width (GPT); default: deepen, depth for gpt",
     )
     exp.add_argument(
         "--targets",
@@ -165,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--morph-kwargs",
         type=_json,
         default=None,
-        help="morph options as JSON (default for deepen: '{\"kernel_size\": 3}')",
+        help="morph options as JSON (default for deepen: '{\"kernel_size\": 3}'; widen "
+        "and GPT width take '{\"factor\": 2}', GPT depth '{\"n_layer\": 4}')",
     )
     exp.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
     exp.add_argument(
@@ -178,10 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-after",
         nargs="+",
         default=["same", "raised"],
-        choices=["same", "raised"],
+        choices=list(regime_choices),
         help="learning-rate regimes after the morph: same = the parent's last rate "
-        "(lr/10), raised = lr",
+        "(lr/10), raised = lr, warmup = from lr/10 linearly up to lr over --warmup-steps",
     )
+    exp.add_argument("--warmup-steps", type=int, default=50,
+                     help="length of the warmup regime's ramp (default: %(default)s)")
     exp.add_argument("--weight-decay", type=float, default=5e-4)
     exp.add_argument("--batch-size", type=int, default=64)
     exp.add_argument("--parent-steps", type=int, default=600, help="parent training steps")
@@ -199,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="train each arm with N DDP processes on the CPU (gloo); the global batches are the "
-        "single-process ones (default: %(default)s)",
+        "single-process ones, so curves equal the single-process ones for models without "
+        "BatchNorm; BatchNorm normalises per rank, on 1/N of each batch (default: %(default)s)",
     )
     exp.add_argument(
         "--drop-window",
@@ -316,32 +331,22 @@ def _run_experiment(args: argparse.Namespace, demo: bool) -> int:
             print(f"running on {dataset} (12,000 training / 1,000 test images for the demo)",
                   flush=True)
     else:
-        if args.model == "tiny-gpt":
-            from stablemorph.transformer.experiment import run_gpt_experiment
-
-            report = run_gpt_experiment(
-                args.out,
-                parent_steps=args.parent_steps,
-                child_steps=args.steps,
-                seeds=range(args.seeds),
-                threads=args.threads,
-                command=_command(),
-                progress=not args.no_progress,
-            )
-            print(f"report: {report}")
-            return 0
+        model = "gpt" if args.model == "tiny-gpt" else args.model
+        if model == "gpt":
+            dataset = args.dataset or "text"
+        morph = args.morph or ("depth" if model == "gpt" else "deepen")
         cfg = ExperimentConfig(
             dataset=dataset,
             data_root=args.data_root,
             limit_train=args.limit_train,
             limit_test=args.limit_test,
-            model=args.model,
+            model=model,
             model_kwargs=args.model_kwargs,
-            morph=args.morph,
+            morph=morph,
             targets=args.targets,
             morph_kwargs=args.morph_kwargs
             if args.morph_kwargs is not None
-            else ({"kernel_size": 3} if args.morph == "deepen" else {}),
+            else ({"kernel_size": 3} if morph == "deepen" and model != "mlp" else {}),
             schemes=args.schemes,
             baselines=args.baselines,
             seeds=args.seeds,
@@ -352,6 +357,7 @@ def _run_experiment(args: argparse.Namespace, demo: bool) -> int:
             parent_steps=args.parent_steps,
             child_steps=args.steps,
             regimes=args.lr_after,
+            warmup_steps=args.warmup_steps,
             dense_until=args.dense_until,
             dense_every=args.dense_every,
             every=args.every,

@@ -26,6 +26,8 @@ from torch import nn
 from stablemorph.activations import PAct, clamp_pact_
 from stablemorph.equation import sparsity
 from stablemorph.experiment.data import Dataset, load_dataset
+from stablemorph.experiment.growth import GrowthError, morph_steps
+from stablemorph.experiment.rules import factor_pairs, lr_scales, regauge_, with_lr_scales
 from stablemorph.experiment.train import (
     TrainConfig,
     eval_schedule,
@@ -34,18 +36,48 @@ from stablemorph.experiment.train import (
     seed_everything,
     train,
 )
-from stablemorph.morphs import apply as apply_morph
+from stablemorph.morphs import MorphError
 from stablemorph.optim import transfer_optimizer
 from stablemorph.record import history
 from stablemorph.zoo import build_model
 
 SCHEMES = ("stable", "netmorph", "net2net")
 BASELINES = ("parent", "scratch")
+REGIMES = ("same", "raised", "warmup")
+# Options an arm may add to its scheme, "scheme+option+...": "gauge" rebalances each
+# deepen's middle channels to the smallest first-step amplification, "lr" gives every
+# deepen's factors the learning-rate multiplier 1 / amplification (experiment/rules.py).
+ARM_OPTIONS = ("gauge", "lr", "slope", "dlr", "freeze")
+
+
+def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
+    """``"stable+lr"`` -> ``("stable", ("lr",))``; ExperimentError for an unknown scheme or
+    option."""
+    scheme, *options = name.split("+")
+    if scheme not in SCHEMES or any(o not in ARM_OPTIONS for o in options):
+        raise ExperimentError(
+            f"unknown arm {name!r}: a scheme {SCHEMES} optionally followed by +option, "
+            f"options {ARM_OPTIONS}"
+        )
+    return scheme, tuple(options)
 
 
 class ExperimentError(RuntimeError):
     """The experiment cannot go on: a child that does not start at its parent's accuracy,
     or an output folder holding a different experiment."""
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """``start`` at step 0, linearly to ``end`` at step ``steps``, then ``end`` (picklable,
+    so DDP ranks receive it)."""
+
+    start: float
+    end: float
+    steps: int
+
+    def __call__(self, step: int) -> float:
+        return self.start + (self.end - self.start) * min(step, self.steps) / self.steps
 
 
 @dataclass
@@ -77,6 +109,7 @@ class ExperimentConfig:
     parent_steps: int = 600
     child_steps: int = 400
     regimes: list[str] = field(default_factory=lambda: ["same", "raised"])
+    warmup_steps: int = 50
     dense_until: int = 200
     dense_every: int = 10
     every: int = 50
@@ -85,11 +118,21 @@ class ExperimentConfig:
     nproc: int = 1
 
     def lr_after(self, regime: str) -> float:
+        """The rate the regime settles at after the morph."""
         if regime == "same":
             return self.lr / 10
-        if regime == "raised":
+        if regime in ("raised", "warmup"):
             return self.lr
-        raise ExperimentError(f"unknown learning-rate regime {regime!r}; use 'same' or 'raised'")
+        raise ExperimentError(f"unknown learning-rate regime {regime!r}; use one of {REGIMES}")
+
+    def lr_at(self, regime: str) -> Callable[[int], float]:
+        """The rate at child step ``s``: constant for ``same`` and ``raised``; for ``warmup``
+        a linear ramp from the parent's final rate (``lr / 10``) at step 0 to ``lr`` at step
+        ``warmup_steps``, then ``lr``."""
+        end = self.lr_after(regime)
+        if regime != "warmup":
+            return Ramp(end, end, 1)
+        return Ramp(self.lr / 10, end, max(1, self.warmup_steps))
 
     def train_config(self, lr: float, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -115,12 +158,48 @@ class Arm:
     parent_loss: float
     zero_fraction: float | None
     seconds: float
+    moved: float | None = None  # ||change|| / ||start|| of the morph's new parameters
+
+
+GPT_DEFAULTS = {"d_model": 32, "n_layer": 2, "n_head": 4, "head_dim": 8, "d_mlp": 128,
+                "block_size": 64}
 
 
 def load_data(cfg: ExperimentConfig) -> Dataset:
+    """The configured data set; ``"text"`` is the character corpus of the GPT experiment
+    (``limit_train`` caps its characters, default 1,000,000; windows of the model's
+    ``block_size``)."""
+    if cfg.dataset == "text":
+        from stablemorph.transformer.text import text_dataset
+
+        block = int(cfg.model_kwargs.get("block_size", GPT_DEFAULTS["block_size"]))
+        return text_dataset(cfg.limit_train or 1_000_000, block, cfg.limit_test or 256)
     return load_dataset(
         cfg.dataset, root=cfg.data_root, limit_train=cfg.limit_train, limit_test=cfg.limit_test
     )
+
+
+def build(cfg: ExperimentConfig, data: Dataset) -> nn.Module:
+    """The parent architecture, freshly initialised (``gpt``: the project's GPT, sizes from
+    :data:`GPT_DEFAULTS` overridden by ``model_kwargs``; else a zoo model). Raises
+    ExperimentError for an unknown model or constructor arguments it does not take."""
+    try:
+        if cfg.model == "gpt":
+            from stablemorph.transformer.model import GPT, GPTConfig
+
+            if data.name != "text":
+                raise ExperimentError("--model gpt trains on --dataset text")
+            sizes = {**GPT_DEFAULTS, **cfg.model_kwargs}
+            sizes["block_size"] = data.input_shape[0]
+            return GPT(GPTConfig.uniform(vocab_size=data.num_classes, **sizes))
+        if data.name == "text":
+            raise ExperimentError("--dataset text needs --model gpt")
+        return build_model(cfg.model, **model_kwargs(cfg, data))
+    except TypeError as err:
+        raise ExperimentError(f"--model {cfg.model}: bad --model-kwargs "
+                              f"{cfg.model_kwargs}: {err}") from None
+    except ValueError as err:
+        raise ExperimentError(f"--model {cfg.model}: {err}") from None
 
 
 def model_kwargs(cfg: ExperimentConfig, data: Dataset) -> dict[str, Any]:
@@ -138,12 +217,40 @@ def model_kwargs(cfg: ExperimentConfig, data: Dataset) -> dict[str, Any]:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """Every convolution (or every linear layer but the last, for an MLP)."""
+    """Every convolution (or every linear layer but the last, for an MLP; none for a GPT,
+    whose growths take no target)."""
+    if type(model).__name__ == "GPT":
+        return []
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
     if convs:
         return convs
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return linears[:-1]
+
+
+def new_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters the morphs in ``model``'s history created or changed (the
+    activations' slopes excluded)."""
+    changed: set[str] = set()
+    for rec in history(model):
+        changed.update(rec.report.changed)
+    params = dict(model.named_parameters())
+    return sorted(n for n in changed if n in params and not n.endswith(".a"))
+
+
+def _snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+def moved(model: nn.Module, start: dict[str, torch.Tensor]) -> float | None:
+    """``||theta - theta_0|| / ||theta_0||`` over the parameters in ``start`` (None if none)."""
+    if not start:
+        return None
+    params = dict(model.named_parameters())
+    num = sum(float((params[n].detach() - t).pow(2).sum()) for n, t in start.items())
+    den = sum(float(t.pow(2).sum()) for t in start.values())
+    return (num / den) ** 0.5 if den > 0 else None
 
 
 def _pact_slopes(model: nn.Module) -> list[float]:
@@ -161,25 +268,23 @@ def grow(
     """Apply the configured morph to every target with ``scheme``, carrying the optimiser
     state across each step the same way for every scheme; returns the child, its optimiser
     and the exact-zero fraction of the new and changed parameters."""
+    scheme, options = parse_arm(scheme)
     child, opt = parent, optimizer
     targets = cfg.targets or default_targets(parent)
-    for j, target in enumerate(targets):
-        nxt = apply_morph(
-            cfg.morph,
-            child,
-            target,
-            scheme=scheme,
-            seed=seed * 1000 + j,
-            inputs=probe,
-            **cfg.morph_kwargs,
-        )
+    for j, step in enumerate(morph_steps(cfg.morph, parent, targets, cfg.morph_kwargs)):
+        nxt = step.run(child, scheme, seed * 1000 + j, probe)
         opt = transfer_optimizer(opt, child, nxt)
         child = nxt
-    changed: set[str] = set()
-    for rec in history(child):
-        changed.update(rec.report.changed)
+    if "gauge" in options:
+        regauge_(child)
+    if "lr" in options or "dlr" in options:
+        scales = lr_scales(child, cfg.optimizer, slopes="slope" in options,
+                           probe=probe if "dlr" in options else None)
+        with_lr_scales(opt, child, scales)
+    if "freeze" in options:
+        with_lr_scales(opt, child, {f"{p.target}.act.a": 0.0 for p in factor_pairs(child)})
     params = dict(child.named_parameters())
-    tensors = [params[n] for n in changed if n in params and not n.endswith(".a")]
+    tensors = [params[n] for n in new_parameters(child)]
     return child, opt, sparsity(*tensors)[0] if tensors else 0.0
 
 
@@ -199,8 +304,75 @@ def scratch_copy(child: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: a kill leaves the old file or the new one,
+    never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """Refuse, with the option named, what cannot run; nothing is read or written."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ExperimentError(message)
+
+    for name in ("seeds", "parent_steps", "child_steps", "batch_size", "nproc", "threads",
+                 "dense_every", "every"):
+        value = getattr(cfg, name)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+             f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+    need(cfg.batch_size % cfg.nproc == 0,
+         f"--batch-size {cfg.batch_size} must be a multiple of --nproc {cfg.nproc}")
+    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(cfg.warmup_steps >= 1, f"warmup_steps must be >= 1, got {cfg.warmup_steps}")
+    need(bool(cfg.regimes) and all(r in REGIMES for r in cfg.regimes),
+         f"--lr-after takes {REGIMES}, got {cfg.regimes}")
+    need(bool(cfg.schemes), "--schemes: give at least one scheme")
+    for arm in cfg.schemes:
+        parse_arm(arm)
+    need(all(b in BASELINES for b in cfg.baselines),
+         f"--baselines takes {BASELINES}, got {cfg.baselines}")
+    need(len(set(cfg.schemes + cfg.baselines)) == len(cfg.schemes) + len(cfg.baselines),
+         f"arms repeat: {cfg.schemes + cfg.baselines}")
+    try:
+        TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
+    except ValueError as err:
+        raise ExperimentError(str(err)) from None
+
+
+def validate(cfg: ExperimentConfig) -> Dataset:
+    """Everything checked before anything is written or trained: the options
+    (:func:`check_config`), the data set (loaded, and returned), the model and its kwargs,
+    the morph, its options and targets (every arm's growth is tried once on an untrained
+    parent). Raises ExperimentError (or the data set's own error) naming the problem."""
+    check_config(cfg)
+    data = load_data(cfg)
+    seed_everything(0)
+    model = build(cfg, data)
+    opt = make_optimizer(model, cfg.train_config(cfg.lr, 0))
+    probe = data.x_train[:8]
+    for arm in cfg.schemes:
+        try:
+            grow(model, opt, cfg, arm, 0, probe)
+        except GrowthError as err:
+            raise ExperimentError(str(err)) from None
+        except (MorphError, TypeError, ValueError) as err:
+            raise ExperimentError(f"--morph {cfg.morph} with {cfg.morph_kwargs} "
+                                  f"(targets {cfg.targets or 'default'}) fails for {arm}: "
+                                  f"{type(err).__name__}: {err}") from None
+    return data
+
+
 class Experiment:
-    """Runs (or resumes) the experiment in ``out``; ``run()`` returns every arm's curve."""
+    """Runs (or resumes) the experiment in ``out``; ``run()`` returns every arm's curve.
+
+    The constructor validates everything (:func:`validate`) before it writes ``config.json``
+    (atomically); parents and runs are written atomically too, and a damaged file in the
+    folder is reported by name."""
 
     def __init__(
         self,
@@ -210,26 +382,35 @@ class Experiment:
         log: Callable[[str], None] = print,
     ) -> None:
         self.cfg, self.out, self.progress, self.log = cfg, Path(out), progress, log
+        if self.out.exists() and not self.out.is_dir():
+            raise ExperimentError(f"--out {self.out} is a file, not a folder")
+        self._check_existing()
+        self.data = validate(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._check_config()
-
-    def _check_config(self) -> None:
         path = self.out / "config.json"
-        mine = asdict(self.cfg)
-        if path.exists():
-            # a field added to the config since the folder was written takes its default
-            theirs = {
-                **json.loads(json.dumps(asdict(ExperimentConfig()))),
-                **json.loads(path.read_text()),
-            }
-            if theirs != json.loads(json.dumps(mine)):
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                raise ExperimentError(
-                    f"{self.out} holds a different experiment (differs in {diff}); use a new "
-                    f"--out folder or delete it"
-                )
-        else:
-            path.write_text(json.dumps(mine, indent=2))
+        if not path.exists():
+            _write_atomic(path, lambda t: t.write_text(json.dumps(asdict(self.cfg), indent=2)))
+
+    def _check_existing(self) -> None:
+        path = self.out / "config.json"
+        if not path.exists():
+            return
+        mine = json.loads(json.dumps(asdict(self.cfg)))
+        try:
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as err:
+            raise ExperimentError(f"{path} is damaged ({err}); delete it (and the folder's "
+                                  f"runs if they belong to another experiment)") from None
+        # a field added to the config since the folder was written takes its default
+        theirs = {**json.loads(json.dumps(asdict(ExperimentConfig()))), **stored}
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ExperimentError(
+                f"{self.out} holds a different experiment (differs in {diff}); use a new "
+                f"--out folder or delete it"
+            )
 
     def _run_path(self, seed: int, regime: str, arm: str) -> Path:
         return self.out / "runs" / f"seed{seed}_{regime}_{arm}.json"
@@ -238,14 +419,19 @@ class Experiment:
         """The trained parent for ``seed`` (cached in ``parents/``, reloaded on resume)."""
         cfg = self.cfg
         seed_everything(seed)
-        model = build_model(cfg.model, **model_kwargs(cfg, data))
+        model = build(cfg, data)
         tcfg = cfg.train_config(cfg.lr, seed)
         opt = make_optimizer(model, tcfg)
         path = self.out / "parents" / f"seed{seed}.pt"
         if path.exists():
-            state = torch.load(path, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            try:
+                state = torch.load(path, weights_only=True)
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+            except Exception as err:
+                raise ExperimentError(f"{path} is damaged or not this experiment's parent "
+                                      f"({type(err).__name__}: {err}); delete it to train the "
+                                      f"parent again") from None
             return model, opt
         milestone = (2 * cfg.parent_steps) // 3
         train(
@@ -269,15 +455,15 @@ class Experiment:
             batch_size=cfg.batch_size,
             progress=f"parent seed {seed} (lr/10)" if self.progress else False,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        _write_atomic(path, lambda t: torch.save(state, t))
         return model, opt
 
     def run(self) -> list[Arm]:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
-        data = load_data(cfg)
-        self.log(f"data: {data.name} ({data.num_train} train / {data.num_test} test images)")
+        data = self.data
+        self.log(f"data: {data.name} ({data.num_train} train / {data.num_test} test examples)")
         arms: list[Arm] = []
         evals = eval_schedule(
             cfg.child_steps,
@@ -301,7 +487,11 @@ class Experiment:
             for regime, arm in todo:
                 path = self._run_path(seed, regime, arm)
                 if path.exists():
-                    arms.append(Arm(**json.loads(path.read_text())))
+                    try:
+                        arms.append(Arm(**json.loads(path.read_text())))
+                    except (ValueError, TypeError, OSError) as err:
+                        raise ExperimentError(f"{path} is damaged ({err}); delete it to run "
+                                              f"that arm again") from None
                     continue
                 lr = cfg.lr_after(regime)
                 zero = None
@@ -317,8 +507,6 @@ class Experiment:
                     opt = make_optimizer(model, cfg.train_config(lr, seed))
                 else:
                     raise ExperimentError(f"unknown arm {arm!r}")
-                for group in opt.param_groups:
-                    group["lr"] = lr
                 if arm != "scratch":
                     acc0, loss0 = evaluate(model, data.x_test, data.y_test)
                     if abs(acc0 - parent_acc) > 1.0 / data.num_test + 1e-12 or abs(
@@ -330,7 +518,8 @@ class Experiment:
                         )
                 start = time.perf_counter()
                 label = f"seed {seed} {regime:6s} {arm}" if self.progress else False
-                records = train_arm(model, data, opt, cfg, seed, evals, label)
+                before = _snapshot(model, new_parameters(model)) if arm in cfg.schemes else {}
+                records = train_arm(model, data, opt, cfg, seed, evals, label, regime)
                 result = Arm(
                     seed,
                     regime,
@@ -340,12 +529,10 @@ class Experiment:
                     parent_loss,
                     zero,
                     time.perf_counter() - start,
+                    moved(model, before),
                 )
                 result.records[-1]["pact_a"] = _pact_slopes(model)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(asdict(result)))
-                tmp.replace(path)
+                _write_atomic(path, lambda t, r=result: t.write_text(json.dumps(asdict(r))))
                 arms.append(result)
         return arms
 
@@ -358,6 +545,7 @@ def train_arm(
     seed: int,
     evals: list[int],
     label: str | bool,
+    regime: str,
 ) -> list[dict[str, Any]]:
     """Train one arm after the morph: in this process, or with ``cfg.nproc`` DDP processes
     (gloo on the CPU; the global batches are the single-process ones, split across ranks).
@@ -368,10 +556,11 @@ def train_arm(
         "batch_size": cfg.batch_size,
         "eval_steps": evals,
         "after_step": clamp_pact_,
+        "lr_at": cfg.lr_at(regime),
     }
     if cfg.nproc <= 1:
         return [dict(r) for r in train(model, data, opt, progress=label, **kwargs)]
-    from stablemorph.ddp import launch
+    from stablemorph.experiment.launch import launch
 
     records = launch(_ddp_arm, cfg.nproc, cfg, model, opt, kwargs)
     model.load_state_dict(records.pop()["state"])
@@ -387,11 +576,9 @@ def _ddp_arm(
     lands on the one shared tensor)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from stablemorph.ddp import train_ddp
-
     model, opt = copy.deepcopy((model, opt))
     data = load_data(cfg)
-    records = [dict(r) for r in train_ddp(DistributedDataParallel(model), data, opt, **kwargs)]
+    records = [dict(r) for r in train(DistributedDataParallel(model), data, opt, **kwargs)]
     return [*records, {"state": model.state_dict()}]
 
 
@@ -429,4 +616,5 @@ def summarise(arm: Arm, window: int) -> dict[str, Any]:
         "final_loss": last["test_loss"],
         "seconds": arm.seconds,
         "zeros": arm.zero_fraction,
+        "moved": arm.moved,
     }

@@ -1,9 +1,19 @@
-"""A plain, deterministic training loop over in-memory tensors.
+"""The one training loop of the experiments: deterministic, over in-memory tensors, in one
+process or on every rank of a DDP run, for classifiers (logits ``(B, C)``, labels ``(B,)``)
+and language models alike (logits ``(B, T, V)``, targets ``(B, T)``: the loss and accuracy
+are per token).
 
 Determinism contract: the mini-batch of global step ``s`` is a pure function of
 ``(seed, s)`` (:func:`batch_indices`), so every arm of an experiment sees the same batches,
 and a run stopped after step ``k`` and resumed with ``start_step=k`` (model, optimiser and
-scheduler state restored) continues exactly as the uninterrupted run. Nothing here changes
+scheduler state restored) continues exactly as the uninterrupted run.
+
+DDP: give :func:`train` a ``DistributedDataParallel`` model; rank ``r`` of ``W`` then
+runs the ``r``-th of ``W`` equal slices of each global batch (:func:`rank_slice`), so DDP's
+gradient average equals the single-process gradient of the global batch (up to float
+summation order; BatchNorm layers see only their rank's slice, so models with BatchNorm in
+train mode differ from the single-process run unless converted to ``nn.SyncBatchNorm``).
+Nothing here changes
 global settings (thread count, deterministic-algorithm flags); :func:`seed_everything` only
 seeds the random generators.
 """
@@ -19,8 +29,10 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from stablemorph.experiment.data import Dataset
@@ -151,13 +163,31 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
     return _epoch_permutation(n, seed, epoch)[k * size : (k + 1) * size].clone()
 
 
+def rank_slice(indices: Tensor, rank: int, world_size: int) -> Tensor:
+    """Rank ``rank``'s equal, contiguous slice of a global batch's ``indices`` ``(B,)``;
+    ``B`` must be a multiple of ``world_size``."""
+    if len(indices) % world_size:
+        raise ValueError(f"a batch of {len(indices)} examples does not split evenly over "
+                         f"{world_size} ranks: use a batch size that is a multiple of it")
+    size = len(indices) // world_size
+    return indices[rank * size:(rank + 1) * size]
+
+
+def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of logits ``(..., C)`` against integer targets ``(...)``: one value per
+    example for a classifier, per token for a language model."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                           reduction=reduction)
+
+
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of ``model`` on ``x`` ``(N, ...)``, ``y`` ``(N,)``.
+    """``(accuracy, mean cross-entropy)`` of ``model`` on ``x`` ``(N, ...)``, ``y`` ``(N,)``
+    (or ``(N, T)`` targets of a language model: per-token accuracy and loss).
 
     Runs in eval mode without gradients and restores every submodule's train/eval flag.
     """
@@ -169,18 +199,19 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> t
     modes = [(m, m.training) for m in model.modules()]
     device = _device(model)
     model.eval()
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, count = 0, 0.0, 0
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
                 logits = model(xb)
-                loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-                correct += (logits.argmax(dim=1) == yb).sum().item()
+                loss_sum += loss_fn(logits, yb, reduction="sum").item()
+                correct += (logits.argmax(dim=-1) == yb).sum().item()
+                count += yb.numel()
     finally:
         for module, mode in modes:
             module.training = mode
-    return correct / len(x), loss_sum / len(x)
+    return correct / count, loss_sum / count
 
 
 def eval_schedule(
@@ -209,6 +240,7 @@ def train(
     start_step: int = 0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     eval_steps: Iterable[int] = (),
+    lr_at: Callable[[int], float] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     on_eval: Callable[[Record], None] | None = None,
     progress: bool | str = False,
@@ -216,7 +248,15 @@ def train(
     """Run optimiser steps ``start_step .. steps - 1`` on ``data``'s training set.
 
     Each step: batch :func:`batch_indices` ``(len(train), batch_size, seed, step)``,
-    cross-entropy, ``optimizer.step()``, ``after_step(model)``, ``scheduler.step()``.
+    cross-entropy (:func:`loss_fn`), ``optimizer.step()``, ``after_step(module)``,
+    ``scheduler.step()``. ``lr_at(step)``, if given, sets every group's rate before the step
+    to ``lr_at(step) * group.get("lr_scale", 1.0)`` (a per-group multiplier; give either
+    ``lr_at`` or ``scheduler``).
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper (module docstring): then
+    ``batch_size`` is the *global* batch (a multiple of the world size), evaluation runs on
+    rank 0 on the unwrapped module and is broadcast, every rank returns the same records and
+    their ``train_loss`` is the mean over the global batches; ``progress`` shows on rank 0.
     The model is put in train mode. At every ``s`` in ``eval_steps`` with
     ``start_step < s <= steps``, and at ``s = 0`` in a fresh run (after ``s`` steps in total),
     it evaluates on the test set and records
@@ -236,6 +276,8 @@ def train(
     n = len(data.y_train)
     if n == 0 or batch_size < 1:
         raise ValueError(f"need training examples and batch_size >= 1, got {n}, {batch_size}")
+    if scheduler is not None and lr_at is not None:
+        raise ValueError("give lr_at or scheduler, not both")
     if scheduler is not None:
         if scheduler.optimizer is not optimizer:
             raise ValueError("scheduler drives a different optimizer than the one given")
@@ -248,30 +290,50 @@ def train(
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
     todo = sorted({s for s in eval_steps if start_step < s <= steps or s == start_step == 0})
-    device = _device(model)
+    ddp = isinstance(model, DistributedDataParallel)
+    module = model.module if ddp else model
+    group = model.process_group if ddp else None
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if ddp else (0, 1)
+    device = _device(module)
     records: list[Record] = []
-    loss_sum, loss_count, seconds = 0.0, 0, 0.0
+    losses: list[Tensor] = []
+    seconds = 0.0
+
+    def set_lr(step: int) -> None:
+        if lr_at is not None:
+            base = lr_at(step)
+            for g in optimizer.param_groups:
+                g["lr"] = base * g.get("lr_scale", 1.0)
 
     def record(step: int) -> None:
-        nonlocal loss_sum, loss_count
-        acc, loss = evaluate(model, data.x_test, data.y_test)
-        rec: Record = {
-            "step": step,
-            "test_acc": acc,
-            "test_loss": loss,
-            "train_loss": loss_sum / loss_count if loss_count else None,
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": seconds,
-        }
-        loss_sum, loss_count = 0.0, 0
+        train_loss = torch.stack(losses).mean().item() if losses else None
+        losses.clear()
+        if step < steps:
+            set_lr(step)
+        box: list[Record | None] = [None]
+        if rank == 0:
+            acc, loss = evaluate(module, data.x_test, data.y_test)
+            box[0] = {
+                "step": step,
+                "test_acc": acc,
+                "test_loss": loss,
+                "train_loss": train_loss,
+                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
+                    "lr_scale", 1.0),
+                "seconds": seconds,
+            }
+        if ddp:
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        rec = box[0]
+        assert rec is not None
         records.append(rec)
         if on_eval is not None:
             on_eval(rec)
         if bar is not None:
-            bar.set_postfix(acc=f"{acc:.4f}", refresh=False)
+            bar.set_postfix(acc=f"{rec['test_acc']:.4f}", refresh=False)
 
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         label = progress if isinstance(progress, str) else None
@@ -287,18 +349,24 @@ def train(
             if step == steps:
                 break
             started = time.perf_counter()
+            set_lr(step)
             idx = batch_indices(n, batch_size, seed, step)
+            if ddp:
+                idx = rank_slice(idx, rank, world)
             xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = loss_fn(model(xb), yb)
             loss.backward()
             optimizer.step()
             if after_step is not None:
-                after_step(model)
+                after_step(module)
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.item()
-            loss_count += 1
+            mean = loss.detach().clone()
+            if ddp:
+                dist.all_reduce(mean, group=group)
+                mean /= world
+            losses.append(mean)
             seconds += time.perf_counter() - started
             if bar is not None:
                 bar.update(1)

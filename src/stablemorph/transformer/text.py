@@ -15,9 +15,13 @@ from __future__ import annotations
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from stablemorph.experiment.data import Dataset
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 UNKNOWN = len(CHARS)
@@ -109,3 +113,28 @@ def _windows(tokens: Tensor, starts: Tensor, length: int) -> tuple[Tensor, Tenso
     offsets = starts[:, None] + torch.arange(length + 1)
     chunk = tokens[offsets]
     return chunk[:, :-1], chunk[:, 1:]
+
+
+def text_dataset(max_chars: int = 1_000_000, block_size: int = 64, val_windows: int = 256,
+                 root: Path | None = None) -> Dataset:
+    """The corpus as a :class:`~stablemorph.experiment.data.Dataset` for the one training
+    loop: ``x_train`` ``(N, block_size)`` consecutive non-overlapping windows of the training
+    text, ``y_train`` their next-character targets (same shape); ``x_test``/``y_test``
+    ``val_windows`` evenly spaced windows of the validation files. ``num_classes`` is
+    :data:`VOCAB_SIZE`; ``input_shape`` is ``(block_size,)``."""
+    from stablemorph.experiment.data import Dataset
+
+    if block_size < 1 or val_windows < 1:
+        raise ValueError(f"need block_size >= 1 and val_windows >= 1, got {block_size}, "
+                         f"{val_windows}")
+    corpus = load_stdlib_corpus(max_chars, root=root)
+    n = (len(corpus.train) - 1) // block_size
+    if n < 1 or len(corpus.val) <= block_size + 1:
+        raise ValueError(f"max_chars={max_chars} is too small for windows of {block_size}")
+    x, y = _windows(corpus.train, torch.arange(n) * block_size, block_size)
+    xv, yv = fixed_windows(corpus.val, val_windows, block_size)
+    return Dataset(x_train=x, y_train=y, x_test=xv, y_test=yv, name="text",
+                   num_classes=VOCAB_SIZE, input_shape=(block_size,),
+                   source=f"Python {sysconfig.get_python_version()} standard library "
+                          f"({len(corpus.train_files)} training / {len(corpus.val_files)} "
+                          f"validation files, {len(corpus.train) + len(corpus.val)} chars)")

@@ -1,22 +1,20 @@
-"""Training and evaluating a GPT on a character corpus, deterministically.
-
-The mini-batch of global step ``s`` is a pure function of ``(seed, s)``: a model grown after
-``P`` steps and trained on from ``start_step=P`` sees exactly the batches that a model trained
-from scratch sees at its steps ``P, P + 1, ...``, and every arm of an experiment sees the same
-batches.
+"""What training a GPT needs beyond the one training loop
+(:func:`stablemorph.experiment.train.train`, which trains and evaluates language models on
+the windows of :func:`stablemorph.transformer.text.text_dataset` like any classifier):
+the loss of a batch of windows, its mean over fixed windows, and an AdamW with weight decay
+on matrices only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from stablemorph.experiment.train import evaluate as evaluate_examples
+from stablemorph.experiment.train import loss_fn
 from stablemorph.transformer.model import GPT
-from stablemorph.transformer.text import random_windows
 
 
 @dataclass(frozen=True)
@@ -48,68 +46,13 @@ def make_adamw(model: GPT, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def lm_loss(model: GPT, x: Tensor, y: Tensor) -> Tensor:
-    """Mean next-character cross-entropy (nats)."""
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    """Mean next-character cross-entropy (nats) of windows ``x`` ``(B, T)`` with targets
+    ``y`` ``(B, T)``."""
+    return loss_fn(model(x), y)
 
 
-@torch.no_grad()
 def evaluate(model: GPT, windows: tuple[Tensor, Tensor], batch_size: int = 64) -> float:
-    """Mean loss over fixed windows, in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    x, y = windows
-    total = 0.0
-    for i in range(0, len(x), batch_size):
-        total += float(lm_loss(model, x[i:i + batch_size], y[i:i + batch_size])) * len(
-            x[i:i + batch_size])
-    model.train(was_training)
-    return total / len(x)
-
-
-def train(
-    model: GPT,
-    optimizer: torch.optim.Optimizer,
-    tokens: Tensor,
-    *,
-    steps: int,
-    cfg: OptimConfig,
-    seed: int,
-    start_step: int = 0,
-    eval_steps: Iterable[int] = (),
-    evaluate_fn: Callable[[GPT], float] | None = None,
-    on_eval: Callable[[int, float], None] | None = None,
-) -> list[tuple[int, float]]:
-    """Train ``steps`` steps from global step ``start_step``; evaluate before the (local)
-    steps listed in ``eval_steps`` (``0``: before any update, ``steps``: at the end).
-    Returns ``[(local step, val_loss), ...]``."""
-    block = model.config.block_size
-    wanted = sorted({s for s in eval_steps if 0 <= s <= steps})
-    curve: list[tuple[int, float]] = []
-    model.train()
-
-    def record(step: int) -> None:
-        if evaluate_fn is None:
-            raise ValueError("train: eval_steps given without evaluate_fn")
-        value = evaluate_fn(model)
-        curve.append((step, value))
-        if on_eval is not None:
-            on_eval(step, value)
-
-    pending = iter(wanted)
-    nxt = next(pending, None)
-    for step in range(steps + 1):
-        if step == nxt:
-            record(step)
-            nxt = next(pending, None)
-        if step == steps:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(start_step + step)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start_step + step)
-        x, y = random_windows(tokens, cfg.batch_size, block, gen)
-        loss = lm_loss(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return curve
+    """Mean next-character loss (nats) over fixed windows ``(x, y)``, each ``(N, T)``, in eval
+    mode (every submodule's mode is restored): the one loop's
+    :func:`~stablemorph.experiment.train.evaluate`, loss only."""
+    return evaluate_examples(model, windows[0], windows[1], batch_size)[1]
