@@ -315,13 +315,14 @@ def _run_experiment(args: argparse.Namespace, demo: bool) -> int:
             seeds=args.seeds,
             parent_steps=300 if small else 600,
             child_steps=200,
+            regimes=["same", "raised", "warmup"],
             dense_until=100,
             dense_every=10,
             every=25,
             drop_window=100,
             threads=args.threads,
         )
-        if small:
+        if small and args.dataset is None:
             print(
                 "Fashion-MNIST is not installed: running on scikit-learn's embedded 8x8 digits. "
                 "For Fashion-MNIST: apt-get install dataset-fashion-mnist",

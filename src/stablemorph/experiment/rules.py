@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stablemorph.equation import composite
+from stablemorph.equation import composite, pad_kernel
 from stablemorph.record import history
 
 ADAPTIVE = ("adam", "adamw")
@@ -35,7 +35,8 @@ ADAPTIVE = ("adam", "adamw")
 
 @dataclass(frozen=True)
 class FactorPair:
-    """The two factor layers a deepen put in place of ``target``."""
+    """The two factor layers of a deepen or subnet branch ``target`` (their parent module,
+    which also holds the activation ``act``)."""
 
     target: str
     first: str
@@ -46,25 +47,31 @@ class FactorPair:
 
 
 def factor_pairs(model: nn.Module) -> list[FactorPair]:
-    """Every ``F1 -> act -> F2`` block made by a deepen in ``model``'s history whose two
+    """Every ``F1 -> act -> F2`` block made by a deepen (in place of ``target``) or an
+    insert_subnet (the branch beside ``target``'s shortcut) in ``model``'s history whose two
     layers are still in the model."""
     modules = dict(model.named_modules())
     pairs = []
     for rec in history(model):
-        if rec.op != "deepen":
+        if rec.op == "deepen":
+            base = rec.target
+        elif rec.op == "insert_subnet":
+            base = f"{rec.target}.branch" if f"{rec.target}.branch" in modules else (
+                f"{rec.target}.shortcut.branch")
+        else:
             continue
-        first, second = f"{rec.target}.first", f"{rec.target}.second"
+        first, second = f"{base}.first", f"{base}.second"
         if first not in modules or second not in modules:
             continue
         f1 = modules[first]
         stride = f1.stride[0] if hasattr(f1, "stride") else 1
         groups = getattr(f1, "groups", 1)
-        # deepen's default first kernel is the parent's: then the parent kernel is F1's size;
-        # with another first kernel the whole composite support is used
+        # deepen's default first kernel is the parent's, whose support the parent's own
+        # gradient covers; a subnet's composite is compared on its whole support
         k = f1.kernel_size[0] if hasattr(f1, "kernel_size") else 0
-        if rec.kwargs.get("first_kernel_size") is not None:
+        if rec.op != "deepen" and k:
             k = -1
-        pairs.append(FactorPair(rec.target, first, second, stride, groups, k))
+        pairs.append(FactorPair(base, first, second, stride, groups, k))
     return pairs
 
 
@@ -244,6 +251,30 @@ def data_amplification(model: nn.Module, pair: FactorPair, probe: Tensor,
     return sum(ratios) / len(ratios)
 
 
+@torch.no_grad()
+def isometric_gauge_(model: nn.Module, kappa: float = 1.0) -> None:
+    """Rescale every deepen's middle channels (exactly: ``F1[m] *= d_m``, ``F2[:, m] /= d_m``)
+    so every column of the second factor has ``kappa`` times the norm of a He-initialised
+    column: the second factor then acts like ``kappa`` times an isometry where it was one
+    before the per-channel balance (an orthogonal ``F2``), and the first factor carries the
+    parent's kernel, scaled by ``1 / kappa``."""
+    modules = dict(model.named_modules())
+    for pair in factor_pairs(model):
+        f1, f2 = modules[pair.first], modules[pair.second]
+        w2 = f2.weight
+        g = pair.groups
+        o_g, m_g = w2.shape[0] // g, w2.shape[1]
+        k2n = w2[0, 0].numel()
+        cols = w2.reshape(g, o_g, m_g, k2n).transpose(1, 2).reshape(g * m_g, -1).norm(dim=1)
+        target = kappa * (o_g * k2n * 2.0 / (m_g * k2n)) ** 0.5
+        d = (cols / target).clamp_min(1e-12)
+        f1.weight.mul_(d.reshape(-1, *([1] * (f1.weight.dim() - 1))))
+        if f1.bias is not None:
+            f1.bias.mul_(d)
+        dd = d.reshape(g, 1, m_g).expand(g, o_g, m_g).reshape(w2.shape[0], m_g)
+        w2.div_(dd.reshape(*dd.shape, *([1] * (w2.dim() - 2))))
+
+
 def lr_scales(model: nn.Module, optimizer: str = "sgd", samples: int = 8,
               seed: int = 0, slopes: bool = False, probe: Tensor | None = None
               ) -> dict[str, float]:
@@ -292,3 +323,128 @@ def with_lr_scales(optimizer: torch.optim.Optimizer, model: nn.Module,
     for g in new_groups:
         optimizer.param_groups.append(g)
     return optimizer
+
+
+_FIRST = ("momentum_buffer", "exp_avg")
+_SQUARE = ("exp_avg_sq",)
+
+
+def _adjoint(F1: Tensor, F2: Tensor, pair: FactorPair, M: Tensor, which: int) -> Tensor:
+    """``d/dF <composite(F1, F2), M>`` for ``F = (F1, F2)[which]``: the composite's linear map
+    in that factor, transposed, applied to ``M`` (a kernel of the composite's size)."""
+    with torch.enable_grad():
+        a = F1.detach().double().requires_grad_(which == 0)
+        b = F2.detach().double().requires_grad_(which == 1)
+        W = composite(a, b, pair.stride, pair.groups)
+        return torch.autograd.grad((W * M).sum(), (a, b)[which])[0]
+
+
+@torch.no_grad()
+def carry_factor_state_(optimizer: torch.optim.Optimizer, model: nn.Module,
+                        parent_optimizer: torch.optim.Optimizer, parent: nn.Module) -> None:
+    """Give every deepen's fresh factors the optimiser state their parent layer had, mapped
+    through the factorisation, in place: a first moment (SGD momentum, Adam's ``exp_avg``)
+    ``M`` of the parent kernel becomes ``J_F^T M`` for each factor (exactly the first moment
+    the factors would hold had the parent's gradients flowed through them), Adam's second
+    moment ``V`` becomes ``(J_F o J_F)^T V`` (the diagonal approximation: products of the
+    factors' squares), the step count is the parent's. ``F2``'s bias takes the parent bias's
+    state, ``F1``'s the parent bias's mapped through ``F2``. Parameters the optimiser does
+    not hold, or whose parent layer had no state, are left alone."""
+    modules = dict(model.named_modules())
+    pparams = dict(parent.named_parameters())
+    for pair in factor_pairs(model):
+        W = pparams.get(f"{pair.target}.weight")
+        if W is None or W not in parent_optimizer.state:
+            continue
+        sW = parent_optimizer.state[W]
+        pb = pparams.get(f"{pair.target}.bias")
+        sb = parent_optimizer.state.get(pb, {}) if pb is not None else {}
+        f1, f2 = modules[pair.first], modules[pair.second]
+        F1, F2 = f1.weight.detach().double(), f2.weight.detach().double()
+        kc = (F1.shape[-1] + pair.stride * (F2.shape[-1] - 1)) if F1.dim() > 2 else 1
+        b1 = f1.bias.detach().double() if f1.bias is not None else None
+        for key, value in sW.items():
+            if key in _FIRST or key in _SQUARE:
+                sq = key in _SQUARE
+                M = pad_kernel(value.detach().double(), kc) if F1.dim() > 2 else value.double()
+                m1 = _adjoint(F1, F2.square() if sq else F2, pair, M, 0)
+                m2 = _adjoint(F1.square() if sq else F1, F2, pair, M, 1)
+                mb = sb.get(key)
+                if mb is not None and b1 is not None:
+                    # F2 also sees the constant map b1: its gradient gets delta (x) b1 per tap
+                    extra = (mb.double()[:, None] * (b1.square() if sq else b1)[None, :])
+                    o_g = F2.shape[0] // pair.groups
+                    extra = extra.reshape(pair.groups, o_g, pair.groups, -1).diagonal(
+                        dim1=0, dim2=2).permute(2, 0, 1).reshape(F2.shape[0], -1)
+                    m2 = m2 + extra.reshape(*extra.shape, *([1] * (F2.dim() - 2)))
+                new = {f1.weight: m1, f2.weight: m2}
+                if mb is not None:
+                    if f2.bias is not None:
+                        new[f2.bias] = mb.double()
+                    if f1.bias is not None:
+                        s2 = (F2.square() if sq else F2).reshape(F2.shape[0], F2.shape[1], -1)
+                        s2 = s2.sum(-1)  # (C_out, C_mid/g): each tap sees the constant
+                        o_g = F2.shape[0] // pair.groups
+                        mbg = mb.double().reshape(pair.groups, o_g)
+                        new[f1.bias] = torch.einsum(
+                            "gom,go->gm", s2.reshape(pair.groups, o_g, -1), mbg).reshape(-1)
+                for p, v in new.items():
+                    if any(p is q for g in optimizer.param_groups for q in g["params"]):
+                        optimizer.state[p][key] = v.to(p.dtype)
+        for p in (f1.weight, f2.weight, f1.bias, f2.bias):
+            if p is not None and "step" in sW and p in optimizer.state:
+                optimizer.state[p]["step"] = sW["step"].clone()
+
+
+@torch.no_grad()
+def shrink_first_bias_(model: nn.Module, factor: float) -> None:
+    """Scale every deepen's first-factor bias ``b1`` by ``factor`` and move the difference into
+    the second factor's bias (``b2 += F2 (b1 - factor b1)``, ``F2`` applied to a constant map:
+    exact, since the second factor never pads)."""
+    modules = dict(model.named_modules())
+    for pair in factor_pairs(model):
+        f1, f2 = modules[pair.first], modules[pair.second]
+        if f1.bias is None or f2.bias is None:
+            continue
+        moved = f1.bias.detach().double() * (1.0 - factor)
+        w2 = f2.weight.detach().double()
+        g = pair.groups
+        o_g, m_g = w2.shape[0] // g, w2.shape[1]
+        s2 = w2.reshape(g, o_g, m_g, -1).sum(-1)
+        resp = torch.einsum("gom,gm->go", s2, moved.reshape(g, m_g)).reshape(-1)
+        f2.bias.add_(resp.to(f2.bias.dtype))
+        f1.bias.mul_(factor)
+
+
+@torch.no_grad()
+def orthogonal_second_(model: nn.Module, seed: int = 0) -> None:
+    """Re-factor every deepen whose second factor is pointwise (Linear, or a 1x1 conv; groups
+    1) exactly as ``F2 = c Q`` (``Q`` a dense random matrix with orthonormal columns, ``c`` the
+    He scale of ``F2``'s shape) and ``F1 = F2^+ W + (I - F2^+ F2) R`` (``W`` the block's
+    composite kernel, ``R`` the old ``F1``: its component in ``F2``'s null space keeps ``F1``
+    dense when ``C_mid > C_out``). The first factor's bias keeps its values; the second's is
+    recomputed so the block's bias is unchanged."""
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    for pair in factor_pairs(model):
+        f1, f2 = modules[pair.first], modules[pair.second]
+        if pair.groups != 1 or (f2.weight.dim() > 2 and f2.weight[0, 0].numel() != 1):
+            continue
+        w1, w2 = f1.weight.detach().double(), f2.weight.detach().double()
+        c_out, m = w2.shape[0], w2.shape[1]
+        A1 = w1.reshape(m, -1)
+        A2 = w2.reshape(c_out, m)
+        Wc = A2 @ A1
+        bias = None
+        if f2.bias is not None:
+            b1 = f1.bias.detach().double() if f1.bias is not None else torch.zeros(m).double()
+            bias = f2.bias.detach().double() + A2 @ b1
+        q, r = torch.linalg.qr(torch.randn(m, c_out, generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))
+        Q = q.T * 2.0**0.5  # (C_out, m): orthonormal rows, He-scaled entries (std (2/m)^0.5)
+        pinv = torch.linalg.pinv(Q)
+        F1 = pinv @ Wc + (torch.eye(m, dtype=torch.float64) - pinv @ Q) @ A1
+        f1.weight.copy_(F1.reshape(w1.shape).to(f1.weight.dtype))
+        f2.weight.copy_(Q.reshape(w2.shape).to(f2.weight.dtype))
+        if bias is not None:
+            f2.bias.copy_((bias - Q @ b1).to(f2.bias.dtype))

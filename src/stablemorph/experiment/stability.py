@@ -27,7 +27,16 @@ from stablemorph.activations import PAct, clamp_pact_
 from stablemorph.equation import sparsity
 from stablemorph.experiment.data import Dataset, load_dataset
 from stablemorph.experiment.growth import GrowthError, morph_steps
-from stablemorph.experiment.rules import factor_pairs, lr_scales, regauge_, with_lr_scales
+from stablemorph.experiment.rules import (
+    carry_factor_state_,
+    factor_pairs,
+    isometric_gauge_,
+    lr_scales,
+    orthogonal_second_,
+    regauge_,
+    shrink_first_bias_,
+    with_lr_scales,
+)
 from stablemorph.experiment.train import (
     TrainConfig,
     eval_schedule,
@@ -44,10 +53,24 @@ from stablemorph.zoo import build_model
 SCHEMES = ("stable", "netmorph", "net2net")
 BASELINES = ("parent", "scratch")
 REGIMES = ("same", "raised", "warmup")
-# Options an arm may add to its scheme, "scheme+option+...": "gauge" rebalances each
-# deepen's middle channels to the smallest first-step amplification, "lr" gives every
-# deepen's factors the learning-rate multiplier 1 / amplification (experiment/rules.py).
-ARM_OPTIONS = ("gauge", "lr", "slope", "dlr", "freeze")
+# Options an arm may add to its scheme, "scheme+option+..." (experiment/rules.py; each is a
+# hypothesis of the stability research, recorded with its numbers in
+# benchmarks/results/stability_matrix.md). For every deepen / subnet factor pair:
+#   raw     the stable scheme without its default rule (STABLE_RULE)
+#   dlr     learning-rate multiplier 1 / first-step amplification measured on the probe
+#   lr      the same multiplier measured on random kernel gradients
+#   slope   the multiplier applied to the activation's slope too
+#   freeze  the activation's slope frozen (multiplier 0)
+#   gauge   middle channels rebalanced to the smallest random-gradient amplification
+#   iso1, iso3  middle channels rebalanced so F2's columns have 1x / 3x the He norm
+#   orth2   pointwise pairs re-factored with an orthogonal second factor
+#   state   the parent layer's optimiser state mapped onto the factors
+#   b1s     the first factor's bias shrunk 100x (moved into the second's)
+ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
+               "orth2")
+# The default rule of the stable scheme (the research of issue 9, benchmarks/results/
+# stability_matrix.md): what "stable" means in an experiment unless "+raw" is given.
+STABLE_RULE: tuple[str, ...] = ("dlr",)
 
 
 def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
@@ -269,18 +292,29 @@ def grow(
     state across each step the same way for every scheme; returns the child, its optimiser
     and the exact-zero fraction of the new and changed parameters."""
     scheme, options = parse_arm(scheme)
+    if scheme == "stable" and "raw" not in options:
+        options = (*STABLE_RULE, *options)
     child, opt = parent, optimizer
     targets = cfg.targets or default_targets(parent)
     for j, step in enumerate(morph_steps(cfg.morph, parent, targets, cfg.morph_kwargs)):
         nxt = step.run(child, scheme, seed * 1000 + j, probe)
         opt = transfer_optimizer(opt, child, nxt)
         child = nxt
+    if "orth2" in options:
+        orthogonal_second_(child, seed)
+    if "b1s" in options:
+        shrink_first_bias_(child, 0.01)
     if "gauge" in options:
         regauge_(child)
+    for kappa in (1, 3):
+        if f"iso{kappa}" in options:
+            isometric_gauge_(child, float(kappa))
     if "lr" in options or "dlr" in options:
         scales = lr_scales(child, cfg.optimizer, slopes="slope" in options,
                            probe=probe if "dlr" in options else None)
         with_lr_scales(opt, child, scales)
+    if "state" in options:
+        carry_factor_state_(opt, child, optimizer, parent)
     if "freeze" in options:
         with_lr_scales(opt, child, {f"{p.target}.act.a": 0.0 for p in factor_pairs(child)})
     params = dict(child.named_parameters())

@@ -1,0 +1,303 @@
+"""The stability matrix (issue 9): every cell is one experiment of the one driver
+(:mod:`stablemorph.experiment.stability`), data set x model x morph x optimiser, each with the
+learning-rate regimes ``same``, ``raised`` and ``warmup`` after the morph and the arms
+
+- ``stable``: the stable scheme with the default rule (experiment/rules.py: the deepen's
+  factors get the learning-rate multiplier ``1 / amplification`` measured on the probe);
+- ``netmorph``, ``net2net``: the baselines as published;
+- ``netmorph+dlr``, ``net2net+dlr``: the baselines offered the same multiplier;
+- ``parent``: the parent trained on at the same rate.
+
+Resumable: each cell's experiment lives in ``--work/<cell>`` and resumes where it stopped;
+the report is rebuilt from whatever has finished.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/stability_matrix.py --cells cheap
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/stability_matrix.py --cells all
+    python benchmarks/stability_matrix.py --list
+
+Writes ``benchmarks/results/stability_matrix.md`` (every cell: drop depth, loss rise, steps to
+recover, final accuracy and loss of every arm, mean ± sd over seeds; paired differences stable
+minus each baseline per seed, mean ± sd; whether the new parameters moved),
+``stability_matrix.json`` and ``stability_matrix.png`` (stable's drop over the better
+published baseline's, per cell and regime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stablemorph.experiment.stability import (
+    Arm,
+    Experiment,
+    ExperimentConfig,
+    summarise,
+)
+
+RESULTS = Path(__file__).parent / "results"
+ARMS = ["stable", "netmorph", "net2net", "netmorph+dlr", "net2net+dlr"]
+BASELINES = ("netmorph", "net2net")
+REGIMES = ["same", "raised", "warmup"]
+LR = {"sgd": 0.05, "adamw": 0.003}
+
+
+def _cfg(dataset: str, model: str, model_kwargs: dict, morph: str, morph_kwargs: dict,
+         optimizer: str, seeds: int, **extra: Any) -> ExperimentConfig:
+    base = ExperimentConfig(
+        dataset=dataset, model=model, model_kwargs=model_kwargs, morph=morph,
+        morph_kwargs=morph_kwargs, schemes=list(ARMS), baselines=["parent"], seeds=seeds,
+        optimizer=optimizer, lr=LR[optimizer], parent_steps=300, child_steps=200,
+        regimes=list(REGIMES), warmup_steps=50, dense_until=100, dense_every=10, every=25,
+        drop_window=100, threads=1, batch_size=64)
+    return replace(base, **extra)
+
+
+def cells() -> dict[str, tuple[str, ExperimentConfig]]:
+    """``{name: (cost class, config)}``; cost ``cheap`` runs in minutes on one core."""
+    out: dict[str, tuple[str, ExperimentConfig]] = {}
+    for opt in ("sgd", "adamw"):
+        cnn = {"widths": [16, 32]}
+        out[f"digits-cnn-deepen-{opt}"] = ("cheap", _cfg(
+            "digits", "cnn", cnn, "deepen", {"kernel_size": 3}, opt, 5))
+        out[f"digits-cnn-widen-{opt}"] = ("cheap", _cfg(
+            "digits", "cnn", cnn, "widen", {"factor": 2}, opt, 5))
+        out[f"digits-cnn-subnet-{opt}"] = ("cheap", _cfg(
+            "digits", "cnn", cnn, "insert_subnet", {}, opt, 5))
+        mlp = {"hidden": [64, 64]}
+        out[f"digits-mlp-deepen-{opt}"] = ("cheap", _cfg(
+            "digits", "mlp", mlp, "deepen", {}, opt, 5))
+        out[f"digits-mlp-widen-{opt}"] = ("cheap", _cfg(
+            "digits", "mlp", mlp, "widen", {"factor": 2}, opt, 5))
+        out[f"digits-mlp-subnet-{opt}"] = ("cheap", _cfg(
+            "digits", "mlp", mlp, "insert_subnet", {}, opt, 5))
+        for widths in ([16, 32], [32, 64]):
+            tag = f"{widths[0]}-{widths[1]}"
+            for morph, kw in (("deepen", {"kernel_size": 3}), ("widen", {"factor": 2}),
+                              ("insert_subnet", {})):
+                out[f"fmnist-cnn{tag}-{morph}-{opt}"] = ("costly", _cfg(
+                    "fashion-mnist", "cnn", {"widths": widths}, morph, kw, opt, 3,
+                    limit_train=12_000, limit_test=2_000, parent_steps=600))
+        gpt = {"d_model": 32, "n_layer": 2, "n_head": 4, "head_dim": 8, "d_mlp": 128,
+               "block_size": 64}
+        for morph in ("depth", "width"):
+            out[f"text-gpt-{morph}-{opt}"] = ("gpt", _cfg(
+                "text", "gpt", gpt, morph, {}, opt, 3, limit_train=300_000, limit_test=128,
+                parent_steps=400, child_steps=150, batch_size=32,
+                lr=LR[opt] if opt == "adamw" else 0.1, weight_decay=0.0))
+    return out
+
+
+def run_cell(name: str, cfg: ExperimentConfig, work: Path) -> list[Arm]:
+    return Experiment(cfg, work / name, progress=False,
+                      log=lambda m: print(f"[{name}] {m}", flush=True)).run()
+
+
+def _ms(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def cell_summary(cfg: ExperimentConfig, arms: list[Arm]) -> dict[str, Any]:
+    """Per regime and arm: per-seed figures; per regime: paired differences."""
+    out: dict[str, Any] = {}
+    for regime in cfg.regimes:
+        per: dict[str, dict[int, dict[str, Any]]] = {}
+        for a in arms:
+            if a.regime == regime:
+                per.setdefault(a.arm, {})[a.seed] = summarise(a, cfg.drop_window)
+        paired: dict[str, dict[str, list[float]]] = {}
+        for base in [b for b in per if b != "stable"]:
+            seeds = sorted(set(per.get("stable", {})) & set(per[base]))
+            paired[base] = {k: [per["stable"][s][k] - per[base][s][k] for s in seeds]
+                            for k in ("drop", "loss_rise", "final_acc", "final_loss")}
+        out[regime] = {"arms": per, "paired": paired}
+    return out
+
+
+def _mean(per: dict[int, dict[str, Any]], key: str) -> float:
+    vals = [v[key] for v in per.values() if v[key] is not None]
+    return statistics.mean(vals) if vals else float("nan")
+
+
+def verdict(reg: dict[str, Any]) -> tuple[str, float | None]:
+    """The issue's test for one cell/regime: does stable drop at most half of the better
+    published baseline's drop where that baseline drops more than the parent? Returns the
+    verdict text and stable's drop over the better baseline's."""
+    arms = reg["arms"]
+    if "stable" not in arms or not all(b in arms for b in BASELINES):
+        return "incomplete", None
+    stable = _mean(arms["stable"], "drop")
+    best = min(_mean(arms[b], "drop") for b in BASELINES)
+    parent = _mean(arms["parent"], "drop") if "parent" in arms else 0.0
+    ratio = stable / best if best > 0 else None
+    if best <= parent + 1e-9:
+        return ("no baseline drops more than the parent (not judged); stable "
+                + ("≤" if stable <= parent + 1e-9 else ">") + " parent"), ratio
+    ok = stable <= 0.5 * best
+    return ("**holds**" if ok else "fails") + f" ({stable:.3f} vs 0.5 × {best:.3f})", ratio
+
+
+def write_report(results: dict[str, tuple[ExperimentConfig, list[Arm]]], planned: list[str],
+                 command: str, started: float) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    summary = {name: cell_summary(cfg, arms) for name, (cfg, arms) in results.items()}
+    (RESULTS / "stability_matrix.json").write_text(json.dumps(summary, indent=1, default=str))
+    lines = [
+        "# The stability matrix",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}, one "
+        f"thread; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
+        f"{(time.time() - started) / 60:.0f} min for this invocation.",
+        "",
+        f"Cells run: {', '.join(results) or 'none'}.  ",
+        "Cells planned but not run here: "
+        f"{', '.join(n for n in planned if n not in results) or 'none'}.",
+        "",
+        "Arms: `stable` = stable scheme + the default rule (learning-rate multiplier "
+        "1/amplification on a deepen's factors, measured on the probe); `netmorph`, "
+        "`net2net` as published; `+dlr` = the same multiplier offered to a baseline; "
+        "`parent` = the parent trained on. Drop = parent accuracy minus the worst accuracy "
+        "in the first `drop_window` steps; loss rise = worst test loss in that window minus "
+        "the parent's; recover = steps until the parent's accuracy is regained; moved = "
+        "||Δθ||/||θ₀|| of the morph's new parameters at the end. Mean ± sd over seeds; paired "
+        "= stable minus the arm, per seed (same batches), mean ± sd.",
+        "",
+        "## Verdicts (stable's drop ≤ 0.5 × the better published baseline's, where a "
+        "baseline drops more than the parent)",
+        "",
+        "| cell | " + " | ".join(REGIMES) + " |",
+        "|---|" + "---|" * len(REGIMES),
+    ]
+    for name in results:
+        row = [verdict(summary[name][r])[0] if r in summary[name] else "-" for r in REGIMES]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    for name, (cfg, _) in results.items():
+        lines += ["", f"## {name}", "",
+                  f"{cfg.dataset}, {cfg.model} {cfg.model_kwargs}, `{cfg.morph}` "
+                  f"{cfg.morph_kwargs}, {cfg.optimizer} lr {cfg.lr} (parent {cfg.parent_steps} "
+                  f"steps, lr/10 at 2/3), {cfg.child_steps} steps after the morph, "
+                  f"{cfg.seeds} seeds, drop window {cfg.drop_window}.", "",
+                  "| regime | arm | drop | loss rise | recover | final acc | final loss | "
+                  "zeros | moved |", "|---|---|---|---|---|---|---|---|---|"]
+        for regime in cfg.regimes:
+            arms = summary[name][regime]["arms"]
+            for arm in [*cfg.schemes, *cfg.baselines]:
+                if arm not in arms:
+                    continue
+                per = list(arms[arm].values())
+                rec = [p["recover"] for p in per]
+                never = sum(r is None for r in rec)
+                rec_txt = _ms([float(r) for r in rec if r is not None], 0)
+                if never:
+                    rec_txt += f" ({never} never)"
+                lines.append(
+                    f"| {regime} | {arm} | {_ms([p['drop'] for p in per])} | "
+                    f"{_ms([p['loss_rise'] for p in per])} | {rec_txt} | "
+                    f"{_ms([p['final_acc'] for p in per])} | "
+                    f"{_ms([p['final_loss'] for p in per])} | "
+                    f"{_ms([p['zeros'] for p in per if p['zeros'] is not None])} | "
+                    f"{_ms([p.get('moved') for p in per if p.get('moved') is not None])} |")
+        lines += ["", "Paired differences, stable minus arm (negative drop / rise: stable "
+                  "better; positive final acc: stable better):", "",
+                  "| regime | arm | Δ drop | Δ loss rise | Δ final acc | Δ final loss |",
+                  "|---|---|---|---|---|---|"]
+        for regime in cfg.regimes:
+            for arm, d in summary[name][regime]["paired"].items():
+                lines.append(f"| {regime} | {arm} | {_ms(d['drop'])} | {_ms(d['loss_rise'])} | "
+                             f"{_ms(d['final_acc'])} | {_ms(d['final_loss'])} |")
+    path = RESULTS / "stability_matrix.md"
+    path.write_text("\n".join(lines) + "\n")
+    heatmap(summary, list(results))
+    return path
+
+
+def heatmap(summary: dict[str, Any], names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not names:
+        return
+    data = [[(verdict(summary[n][r])[1] if r in summary[n] else None) for r in REGIMES]
+            for n in names]
+    grid = [[math.log2(v) if v and v > 0 else float("nan") for v in row] for row in data]
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.5))
+    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=-4, vmax=4, aspect="auto")
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center",
+                    fontsize=8)
+    ax.set_xticks(range(len(REGIMES)), REGIMES)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_title("stable's drop / better published baseline's drop\n(log2 colour; < 0.5 "
+                 "is the goal; '-' = no baseline drop)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="log2 ratio")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "stability_matrix.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", nargs="+", default=["cheap"],
+                        help="cell names, or a cost class: cheap, gpt, costly, all")
+    parser.add_argument("--work", type=Path, default=Path("runs/stability_matrix"),
+                        help="experiment folders (resumed)")
+    parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    args = parser.parse_args(argv)
+    table = cells()
+    if args.list:
+        for name, (cost, _) in table.items():
+            print(f"{cost:7s} {name}")
+        return 0
+    wanted: list[str] = []
+    for c in args.cells:
+        if c == "all":
+            wanted += list(table)
+        elif c in ("cheap", "gpt", "costly"):
+            wanted += [n for n, (cost, _) in table.items() if cost == c]
+        elif c in table:
+            wanted.append(c)
+        else:
+            parser.error(f"unknown cell {c!r}; see --list")
+    wanted = list(dict.fromkeys(wanted))
+    started = time.time()
+    torch.set_num_threads(1)
+    results: dict[str, tuple[ExperimentConfig, list[Arm]]] = {}
+    command = "python benchmarks/stability_matrix.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    for name in wanted:
+        cfg = table[name][1]
+        try:
+            results[name] = (cfg, run_cell(name, cfg, args.work))
+        except Exception as err:  # a missing data set must not stop the other cells
+            print(f"[{name}] skipped: {type(err).__name__}: {err}", flush=True)
+        write_report(results, wanted, command, started)
+    path = write_report(results, wanted, command, started)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
