@@ -2,10 +2,13 @@
 (:mod:`stablemorph.experiment.stability`), data set x model x morph x optimiser, each with the
 learning-rate regimes ``same``, ``raised`` and ``warmup`` after the morph and the arms
 
-- ``stable``: the stable scheme with the default rule (experiment/rules.py: the deepen's
-  factors get the learning-rate multiplier ``1 / amplification`` measured on the probe);
+- ``stable``: the stable scheme with its default rule (``STABLE_RULE`` in
+  experiment/stability.py, experiment/rules.py: pointwise pairs re-factored with an orthogonal
+  second factor, the parent layer's optimiser state mapped onto the factors, and the
+  learning-rate multiplier ``1 / first-step amplification`` measured on the probe);
 - ``netmorph``, ``net2net``: the baselines as published;
-- ``netmorph+dlr``, ``net2net+dlr``: the baselines offered the same multiplier;
+- ``netmorph+state+dlr``, ``net2net+state+dlr``: the baselines offered the same optimiser
+  state mapping and multiplier;
 - ``parent``: the parent trained on at the same rate.
 
 Resumable: each cell's experiment lives in ``--work/<cell>`` and resumes where it stopped;
@@ -48,7 +51,7 @@ from stablemorph.experiment.stability import (
 )
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = ["stable", "netmorph", "net2net", "netmorph+dlr", "net2net+dlr"]
+ARMS = ["stable", "netmorph", "net2net", "netmorph+state+dlr", "net2net+state+dlr"]
 BASELINES = ("netmorph", "net2net")
 REGIMES = ["same", "raised", "warmup"]
 LR = {"sgd": 0.05, "adamw": 0.003}
@@ -56,9 +59,12 @@ LR = {"sgd": 0.05, "adamw": 0.003}
 
 def _cfg(dataset: str, model: str, model_kwargs: dict, morph: str, morph_kwargs: dict,
          optimizer: str, seeds: int, **extra: Any) -> ExperimentConfig:
+    # the multiplier only concerns factor pairs (deepen, insert_subnet): elsewhere the "+dlr"
+    # arms would repeat the published ones
+    arms = ARMS if morph in ("deepen", "insert_subnet") else ARMS[:3]
     base = ExperimentConfig(
         dataset=dataset, model=model, model_kwargs=model_kwargs, morph=morph,
-        morph_kwargs=morph_kwargs, schemes=list(ARMS), baselines=["parent"], seeds=seeds,
+        morph_kwargs=morph_kwargs, schemes=list(arms), baselines=["parent"], seeds=seeds,
         optimizer=optimizer, lr=LR[optimizer], parent_steps=300, child_steps=200,
         regimes=list(REGIMES), warmup_steps=50, dense_until=100, dense_every=10, every=25,
         drop_window=100, threads=1, batch_size=64)
@@ -91,13 +97,20 @@ def cells() -> dict[str, tuple[str, ExperimentConfig]]:
                     "fashion-mnist", "cnn", {"widths": widths}, morph, kw, opt, 3,
                     limit_train=12_000, limit_test=2_000, parent_steps=600))
         gpt = {"d_model": 32, "n_layer": 2, "n_head": 4, "head_dim": 8, "d_mlp": 128,
-               "block_size": 64}
+               "block_size": 32}
         for morph in ("depth", "width"):
             out[f"text-gpt-{morph}-{opt}"] = ("gpt", _cfg(
                 "text", "gpt", gpt, morph, {}, opt, 3, limit_train=300_000, limit_test=128,
-                parent_steps=400, child_steps=150, batch_size=32,
+                parent_steps=300, child_steps=100, batch_size=16, dense_until=50,
+                dense_every=5, every=25, drop_window=50, warmup_steps=25,
                 lr=LR[opt] if opt == "adamw" else 0.1, weight_decay=0.0))
     return out
+
+
+def finished(cfg: ExperimentConfig, folder: Path) -> bool:
+    """Whether every run of the cell is on disk."""
+    expected = cfg.seeds * len(cfg.regimes) * (len(cfg.schemes) + len(cfg.baselines))
+    return len(list((folder / "runs").glob("*.json"))) >= expected
 
 
 def run_cell(name: str, cfg: ExperimentConfig, work: Path) -> list[Arm]:
@@ -265,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/stability_matrix"),
                         help="experiment folders (resumed)")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rebuild the report from the cells whose runs "
+                        "have all finished")
     args = parser.parse_args(argv)
     table = cells()
     if args.list:
@@ -289,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     for name in wanted:
         cfg = table[name][1]
+        if args.report_only and not finished(cfg, args.work / name):
+            continue
         try:
             results[name] = (cfg, run_cell(name, cfg, args.work))
         except Exception as err:  # a missing data set must not stop the other cells
             print(f"[{name}] skipped: {type(err).__name__}: {err}", flush=True)
-        write_report(results, wanted, command, started)
+        if not args.report_only:
+            write_report(results, wanted, command, started)
     path = write_report(results, wanted, command, started)
     print(f"report: {path}")
     return 0

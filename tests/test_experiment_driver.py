@@ -136,3 +136,39 @@ def test_gpt_growths_run_through_the_same_driver(tmp_path: Path, morph: str,
         [3e-4, 3e-4 + 1.35e-3, 3e-3, 3e-3])
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"] == "gpt" and config["morph"] == morph
+
+
+def test_cli_gpt_experiment_honours_every_option(tmp_path: Path) -> None:
+    from stablemorph.cli import main
+
+    out = tmp_path / "gpt"
+    rc = main(["experiment", "--model", "tiny-gpt", "--model-kwargs", json.dumps(GPT_KWARGS),
+               "--limit-train", "4000", "--limit-test", "8", "--lr", "0.002",
+               "--optimizer", "adamw", "--schemes", "stable", "--baselines", "parent",
+               "--seeds", "1", "--parent-steps", "3", "--steps", "2", "--dense-until", "2",
+               "--dense-every", "1", "--every", "2", "--drop-window", "2", "--batch-size", "8",
+               "--lr-after", "raised", "--threads", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["dataset"], config["morph"], config["lr"],
+            config["schemes"]) == ("gpt", "text", "depth", 0.002, ["stable"])
+    # a different run in the same folder is refused, not overwritten
+    assert main(["experiment", "--model", "tiny-gpt", "--lr", "0.01", "--out", str(out)]) == 2
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.002
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seeds", "0"], "--seeds must be an integer >= 1, got 0"),
+    (["--nproc", "0"], "--nproc must be an integer >= 1, got 0"),
+    (["--model-kwargs", '{"bogus": 1}'], "bad --model-kwargs"),
+    (["--morph-kwargs", '{"bogus": 1}'], "unknown option(s) ['bogus']"),
+])
+def test_cli_mistakes_exit_2_with_a_message_and_write_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+        message: str) -> None:
+    from stablemorph.cli import main
+
+    out = tmp_path / "run"
+    assert main(["experiment", "--dataset", "digits", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -448,3 +448,21 @@ def orthogonal_second_(model: nn.Module, seed: int = 0) -> None:
         f2.weight.copy_(Q.reshape(w2.shape).to(f2.weight.dtype))
         if bias is not None:
             f2.bias.copy_((bias - Q @ b1).to(f2.bias.dtype))
+
+
+def adam_step_ratio(optimizer: torch.optim.Optimizer, parent: nn.Module,
+                    target: str) -> float | None:
+    """The typical size of the parent layer's own Adam step, per entry and in units of the
+    learning rate: ``mean |m_hat| / (sqrt(v_hat) + eps)`` of ``target.weight`` (``None``
+    without Adam state). A fresh parameter's first Adam step is ``lr sign(g)`` (ratio 1), a
+    trained one's is this much."""
+    W = dict(parent.named_parameters()).get(f"{target}.weight")
+    state = optimizer.state.get(W, {}) if W is not None else {}
+    if "exp_avg" not in state or "exp_avg_sq" not in state:
+        return None
+    group = next(g for g in optimizer.param_groups if any(p is W for p in g["params"]))
+    b1, b2 = group["betas"]
+    t = float(state["step"])
+    m = state["exp_avg"] / (1 - b1**t)
+    v = state["exp_avg_sq"] / (1 - b2**t)
+    return float((m.abs() / (v.sqrt() + group["eps"])).mean())

@@ -28,6 +28,7 @@ from stablemorph.equation import sparsity
 from stablemorph.experiment.data import Dataset, load_dataset
 from stablemorph.experiment.growth import GrowthError, morph_steps
 from stablemorph.experiment.rules import (
+    adam_step_ratio,
     carry_factor_state_,
     factor_pairs,
     isometric_gauge_,
@@ -66,11 +67,13 @@ REGIMES = ("same", "raised", "warmup")
 #   orth2   pointwise pairs re-factored with an orthogonal second factor
 #   state   the parent layer's optimiser state mapped onto the factors
 #   b1s     the first factor's bias shrunk 100x (moved into the second's)
+#   adamr   under Adam, the multiplier also times the parent layer's own typical step
+#           (mean |m_hat| / sqrt(v_hat)): fresh factors step by lr sign(g) at first
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
-               "orth2")
+               "orth2", "adamr")
 # The default rule of the stable scheme (the research of issue 9, benchmarks/results/
 # stability_matrix.md): what "stable" means in an experiment unless "+raw" is given.
-STABLE_RULE: tuple[str, ...] = ("dlr",)
+STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr")
 
 
 def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
@@ -312,6 +315,12 @@ def grow(
     if "lr" in options or "dlr" in options:
         scales = lr_scales(child, cfg.optimizer, slopes="slope" in options,
                            probe=probe if "dlr" in options else None)
+        if "adamr" in options:
+            for pair in factor_pairs(child):
+                r = adam_step_ratio(optimizer, parent, pair.target)
+                for n in scales:
+                    if r is not None and n.startswith(f"{pair.target}."):
+                        scales[n] *= r
         with_lr_scales(opt, child, scales)
     if "state" in options:
         carry_factor_state_(opt, child, optimizer, parent)
