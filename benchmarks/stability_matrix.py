@@ -5,10 +5,11 @@ learning-rate regimes ``same``, ``raised`` and ``warmup`` after the morph and th
 - ``stable``: the stable scheme with its default rule (``STABLE_RULE`` in
   experiment/stability.py, experiment/rules.py: pointwise pairs re-factored with an orthogonal
   second factor, the parent layer's optimiser state mapped onto the factors, and the
-  learning-rate multiplier ``1 / first-step amplification`` measured on the probe);
+  learning-rate multiplier ``1 / first-step amplification`` measured on the probe, under
+  Adam times the parent layer's own typical step ``mean |m_hat| / sqrt(v_hat)``);
 - ``netmorph``, ``net2net``: the baselines as published;
-- ``netmorph+state+dlr``, ``net2net+state+dlr``: the baselines offered the same optimiser
-  state mapping and multiplier;
+- ``netmorph+state+dlr+adamr``, ``net2net+state+dlr+adamr``: the baselines offered the same
+  optimiser state mapping and multiplier;
 - ``parent``: the parent trained on at the same rate.
 
 Resumable: each cell's experiment lives in ``--work/<cell>`` and resumes where it stopped;
@@ -51,7 +52,7 @@ from stablemorph.experiment.stability import (
 )
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = ["stable", "netmorph", "net2net", "netmorph+state+dlr", "net2net+state+dlr"]
+ARMS = ["stable", "netmorph", "net2net", "netmorph+state+dlr+adamr", "net2net+state+dlr+adamr"]
 BASELINES = ("netmorph", "net2net")
 REGIMES = ["same", "raised", "warmup"]
 LR = {"sgd": 0.05, "adamw": 0.003}

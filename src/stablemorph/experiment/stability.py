@@ -73,7 +73,7 @@ ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "
                "orth2", "adamr")
 # The default rule of the stable scheme (the research of issue 9, benchmarks/results/
 # stability_matrix.md): what "stable" means in an experiment unless "+raw" is given.
-STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr")
+STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr")
 
 
 def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
