@@ -76,13 +76,15 @@ def cells() -> dict[str, tuple[str, ExperimentConfig]]:
     """``{name: (cost class, config)}``; cost ``cheap`` runs in minutes on one core."""
     out: dict[str, tuple[str, ExperimentConfig]] = {}
     for opt in ("sgd", "adamw"):
+        # a digits CNN arm takes 10-40 s on the shared 2-core machine, a cell over an hour
+        # with 5 seeds: 3 seeds
         cnn = {"widths": [16, 32]}
         out[f"digits-cnn-deepen-{opt}"] = ("cheap", _cfg(
-            "digits", "cnn", cnn, "deepen", {"kernel_size": 3}, opt, 5))
+            "digits", "cnn", cnn, "deepen", {"kernel_size": 3}, opt, 3))
         out[f"digits-cnn-widen-{opt}"] = ("cheap", _cfg(
-            "digits", "cnn", cnn, "widen", {"factor": 2}, opt, 5))
+            "digits", "cnn", cnn, "widen", {"factor": 2}, opt, 3))
         out[f"digits-cnn-subnet-{opt}"] = ("cheap", _cfg(
-            "digits", "cnn", cnn, "insert_subnet", {}, opt, 5))
+            "digits", "cnn", cnn, "insert_subnet", {}, opt, 3))
         mlp = {"hidden": [64, 64]}
         out[f"digits-mlp-deepen-{opt}"] = ("cheap", _cfg(
             "digits", "mlp", mlp, "deepen", {}, opt, 5))
@@ -238,6 +240,9 @@ def write_report(results: dict[str, tuple[ExperimentConfig, list[Arm]]], planned
             for arm, d in summary[name][regime]["paired"].items():
                 lines.append(f"| {regime} | {arm} | {_ms(d['drop'])} | {_ms(d['loss_rise'])} | "
                              f"{_ms(d['final_acc'])} | {_ms(d['final_loss'])} |")
+    research = RESULTS / "stability_research.md"
+    if research.exists():
+        lines += ["", research.read_text().strip()]
     path = RESULTS / "stability_matrix.md"
     path.write_text("\n".join(lines) + "\n")
     heatmap(summary, list(results))

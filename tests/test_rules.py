@@ -128,3 +128,25 @@ def test_mapped_momentum_of_a_linear_pair_is_the_gradient_through_the_factors() 
             for p in m[layer].parameters():
                 torch.testing.assert_close(copt.state[p]["momentum_buffer"], p.grad,
                                            rtol=1e-5, atol=1e-7)
+
+
+def test_adam_step_ratio_is_the_parent_layers_mean_normalised_step() -> None:
+    model, cfg, x, y = parent("mlp")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    st = opt.state[model.fc1.weight]
+    m, v = st["exp_avg"] / (1 - 0.9**4), st["exp_avg_sq"] / (1 - 0.999**4)
+    expected = float((m.abs() / (v.sqrt() + 1e-8)).mean())
+    assert rules.adam_step_ratio(opt, model, "fc1") == pytest.approx(expected)
+    assert rules.adam_step_ratio(make_optimizer(model, TrainConfig()), model, "fc1") is None
+    cfg.optimizer = "adamw"
+    child, child_opt, _ = grow(model, opt, cfg, "stable", 0, x[:8])
+    pair = rules.factor_pairs(child)[0]
+    amp = rules.data_amplification(child, pair, x[:8], "adamw")
+    name_of = {id(p): n for n, p in child.named_parameters()}
+    scale = next(g["lr_scale"] for g in child_opt.param_groups if "lr_scale" in g
+                 and any(name_of[id(p)] == f"{pair.first}.weight" for p in g["params"]))
+    assert scale == pytest.approx(expected / amp)

@@ -466,3 +466,22 @@ def adam_step_ratio(optimizer: torch.optim.Optimizer, parent: nn.Module,
     m = state["exp_avg"] / (1 - b1**t)
     v = state["exp_avg_sq"] / (1 - b2**t)
     return float((m.abs() / (v.sqrt() + group["eps"])).mean())
+
+
+@torch.no_grad()
+def scale_new_fan_out_(model: nn.Module, factor: float) -> None:
+    """Scale the outgoing weights of every widen's *fresh* units (the ``(Z, -Z)`` pairs of
+    the stable plan: consumer columns whose origin index is negative) by ``factor``; the pairs
+    still cancel, so the function is unchanged."""
+    params = dict(model.named_parameters())
+    for rec in history(model):
+        if rec.op != "widen":
+            continue
+        for name, origin in rec.report.param_map.items():
+            if (origin.dim != 1 or origin.index is None or name not in params
+                    or params[name].dim() < 2):
+                continue
+            new = (origin.index < 0).nonzero().flatten()
+            if len(new):
+                p = params[name]
+                p[:, new.to(p.device)] = p[:, new.to(p.device)] * factor

@@ -35,6 +35,7 @@ from stablemorph.experiment.rules import (
     lr_scales,
     orthogonal_second_,
     regauge_,
+    scale_new_fan_out_,
     shrink_first_bias_,
     with_lr_scales,
 )
@@ -67,10 +68,11 @@ REGIMES = ("same", "raised", "warmup")
 #   orth2   pointwise pairs re-factored with an orthogonal second factor
 #   state   the parent layer's optimiser state mapped onto the factors
 #   b1s     the first factor's bias shrunk 100x (moved into the second's)
+#   zout    (widen) the fresh units' outgoing weights scaled by 0.1 (the pairs still cancel)
 #   adamr   under Adam, the multiplier also times the parent layer's own typical step
 #           (mean |m_hat| / sqrt(v_hat)): fresh factors step by lr sign(g) at first
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
-               "orth2", "adamr")
+               "orth2", "adamr", "zout")
 # The default rule of the stable scheme (the research of issue 9, benchmarks/results/
 # stability_matrix.md): what "stable" means in an experiment unless "+raw" is given.
 STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr")
@@ -110,9 +112,12 @@ class Ramp:
 class ExperimentConfig:
     """Everything that defines one experiment; saved as ``config.json`` in the output folder.
 
-    ``lr_regimes`` maps a regime name to its learning rate after the morph: ``"same"`` is the
-    parent's final rate, ``"raised"`` its initial one (the parent decays ``lr`` tenfold at
-    2/3 of its steps). ``targets`` are the layers morphed, in order (default: every conv).
+    ``regimes`` are the learning-rate regimes after the morph: ``"same"`` is the parent's
+    final rate, ``"raised"`` its initial one (the parent decays ``lr`` tenfold at 2/3 of its
+    steps), ``"warmup"`` the raised one reached linearly over ``warmup_steps``. ``targets``
+    are the layers morphed, in order (default: every conv). ``schemes`` are arms
+    ``scheme[+option...]`` (:data:`ARM_OPTIONS`); ``stable_rule`` the options every
+    ``stable`` arm gets unless it says ``+raw``.
     """
 
     dataset: str = "digits"
@@ -136,6 +141,7 @@ class ExperimentConfig:
     child_steps: int = 400
     regimes: list[str] = field(default_factory=lambda: ["same", "raised"])
     warmup_steps: int = 50
+    stable_rule: list[str] = field(default_factory=lambda: list(STABLE_RULE))
     dense_until: int = 200
     dense_every: int = 10
     every: int = 50
@@ -296,13 +302,15 @@ def grow(
     and the exact-zero fraction of the new and changed parameters."""
     scheme, options = parse_arm(scheme)
     if scheme == "stable" and "raw" not in options:
-        options = (*STABLE_RULE, *options)
+        options = (*cfg.stable_rule, *options)
     child, opt = parent, optimizer
     targets = cfg.targets or default_targets(parent)
     for j, step in enumerate(morph_steps(cfg.morph, parent, targets, cfg.morph_kwargs)):
         nxt = step.run(child, scheme, seed * 1000 + j, probe)
         opt = transfer_optimizer(opt, child, nxt)
         child = nxt
+    if "zout" in options:
+        scale_new_fan_out_(child, 0.1)
     if "orth2" in options:
         orthogonal_second_(child, seed)
     if "b1s" in options:
@@ -376,6 +384,8 @@ def check_config(cfg: ExperimentConfig) -> None:
     need(bool(cfg.schemes), "--schemes: give at least one scheme")
     for arm in cfg.schemes:
         parse_arm(arm)
+    need(all(o in ARM_OPTIONS for o in cfg.stable_rule),
+         f"stable_rule takes options of {ARM_OPTIONS}, got {cfg.stable_rule}")
     need(all(b in BASELINES for b in cfg.baselines),
          f"--baselines takes {BASELINES}, got {cfg.baselines}")
     need(len(set(cfg.schemes + cfg.baselines)) == len(cfg.schemes) + len(cfg.baselines),
