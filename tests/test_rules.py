@@ -60,7 +60,7 @@ def test_stable_with_its_rule_is_exact_dense_and_scales_only_the_factors(kind: s
         ["features.conv1", "features.conv2"] if kind == "cnn" else ["fc1", "fc2"])
     name_of = {id(p): n for n, p in child.named_parameters()}
     scaled = {name_of[id(p)]: g["lr_scale"] for g in child_opt.param_groups
-              for p in g["params"] if "lr_scale" in g}
+              for p in g["params"] if g["lr_scale"] != pytest.approx(1.0)}
     for pair in pairs:
         amp = rules.data_amplification(child, pair, x[:8], "sgd")
         for layer in (pair.first, pair.second):
@@ -68,7 +68,7 @@ def test_stable_with_its_rule_is_exact_dense_and_scales_only_the_factors(kind: s
                 assert scaled[f"{layer}.{suffix}"] == pytest.approx(1 / amp)
     assert all(".first." in n or ".second." in n for n in scaled)
     unscaled = {name_of[id(p)] for g in child_opt.param_groups for p in g["params"]
-                if "lr_scale" not in g}
+                if g["lr_scale"] == pytest.approx(1.0)}
     assert unscaled | set(scaled) == set(params)
 
 
@@ -77,9 +77,9 @@ def test_the_baselines_and_raw_stable_get_no_multiplier() -> None:
     opt = make_optimizer(model, TrainConfig(lr=0.05))
     for arm in ("netmorph", "net2net", "stable+raw"):
         _, child_opt, _ = grow(model, opt, cfg, arm, 0, x[:8])
-        assert not any("lr_scale" in g for g in child_opt.param_groups)
+        assert all(g["lr_scale"] == 1.0 for g in child_opt.param_groups)
     _, child_opt, _ = grow(model, opt, cfg, "netmorph+dlr", 0, x[:8])
-    assert sum("lr_scale" in g for g in child_opt.param_groups) == 2
+    assert sum(g["lr_scale"] != 1.0 for g in child_opt.param_groups) == 2
 
 
 def test_random_gradient_amplification_of_a_linear_pair_matches_its_closed_form() -> None:
@@ -147,6 +147,6 @@ def test_adam_step_ratio_is_the_parent_layers_mean_normalised_step() -> None:
     pair = rules.factor_pairs(child)[0]
     amp = rules.data_amplification(child, pair, x[:8], "adamw")
     name_of = {id(p): n for n, p in child.named_parameters()}
-    scale = next(g["lr_scale"] for g in child_opt.param_groups if "lr_scale" in g
-                 and any(name_of[id(p)] == f"{pair.first}.weight" for p in g["params"]))
+    scale = next(g["lr_scale"] for g in child_opt.param_groups
+                 if any(name_of[id(p)] == f"{pair.first}.weight" for p in g["params"]))
     assert scale == pytest.approx(expected / amp)

@@ -301,8 +301,9 @@ def lr_scales(model: nn.Module, optimizer: str = "sgd", samples: int = 8,
 def with_lr_scales(optimizer: torch.optim.Optimizer, model: nn.Module,
                    scales: dict[str, float]) -> torch.optim.Optimizer:
     """``optimizer``'s param groups split so every parameter with a multiplier sits in a
-    group of its own kind carrying ``"lr_scale"`` (read by the training loop), in place; the
-    optimiser's state is kept. Returns ``optimizer``."""
+    group of its own: a copy of its group with ``lr`` times the multiplier and the key
+    ``"lr_scale"`` (its group's, times the multiplier: read by the training loop), in place;
+    the optimiser's state is kept. Returns ``optimizer``."""
     if not scales:
         return optimizer
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -318,7 +319,8 @@ def with_lr_scales(optimizer: torch.optim.Optimizer, model: nn.Module,
         group["params"] = keep
         for s, params in moved.items():
             new_groups.append({**{k: v for k, v in group.items() if k != "params"},
-                               "params": params, "lr_scale": s})
+                               "params": params, "lr": group["lr"] * s,
+                               "lr_scale": group.get("lr_scale", 1.0) * s})
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
     for g in new_groups:
         optimizer.param_groups.append(g)

@@ -334,6 +334,11 @@ def grow(
         carry_factor_state_(opt, child, optimizer, parent)
     if "freeze" in options:
         with_lr_scales(opt, child, {f"{p.target}.act.a": 0.0 for p in factor_pairs(child)})
+    # groups that transfer_optimizer scaled (ParamOrigin.lr_scale) keep their multiplier when
+    # the training loop sets the rate (the experiment's parent has one rate in every group)
+    reference = optimizer.param_groups[0]["lr"]
+    for group in opt.param_groups:
+        group.setdefault("lr_scale", group["lr"] / reference)
     params = dict(child.named_parameters())
     tensors = [params[n] for n in new_parameters(child)]
     return child, opt, sparsity(*tensors)[0] if tensors else 0.0
