@@ -152,28 +152,42 @@ def _mean(per: dict[int, dict[str, Any]], key: str) -> float:
     return statistics.mean(vals) if vals else float("nan")
 
 
-def verdict(reg: dict[str, Any]) -> tuple[str, float | None]:
-    """The issue's test for one cell/regime: stable's drop at most half the better published
-    baseline's, judged where that baseline drops more than the parent beyond the seed spread
-    of their paired difference. Returns the verdict text and stable's drop over the better
-    baseline's."""
+# a baseline "drops more than the parent" when its mean drop exceeds the parent's by more
+# than one digits test image (1/360) or, for the language model, 0.005 nats of loss rise
+TOLERANCE = {"drop": 0.003, "loss_rise": 0.005}
+
+
+def verdict(reg: dict[str, Any], metric: str = "drop") -> tuple[str, float | None]:
+    """The issue's test for one cell/regime on ``metric`` (drop depth; loss rise for the
+    language model): stable's at most half the better published baseline's where that
+    baseline's exceeds the parent's (:data:`TOLERANCE`); stable never worse than a published
+    baseline beyond the paired seed spread; final accuracy (language model: final loss) at
+    least the baselines'. Returns the text and stable's value over the better baseline's."""
     arms = reg["arms"]
     if "stable" not in arms or not all(b in arms for b in BASELINES):
         return "incomplete", None
-    stable = _mean(arms["stable"], "drop")
-    best_name = min(BASELINES, key=lambda b: _mean(arms[b], "drop"))
-    best = _mean(arms[best_name], "drop")
+    stable = _mean(arms["stable"], metric)
+    best = min(_mean(arms[b], metric) for b in BASELINES)
+    parent = _mean(arms["parent"], metric) if "parent" in arms else 0.0
     ratio = stable / best if best > 0 else None
-    if "parent" in arms:
-        seeds = sorted(set(arms["parent"]) & set(arms[best_name]))
-        diff = [arms[best_name][s]["drop"] - arms["parent"][s]["drop"] for s in seeds]
-        spread = statistics.stdev(diff) if len(diff) > 1 else 0.0
-        if statistics.mean(diff) <= max(spread, 1e-9):
-            worse = stable - _mean(arms["parent"], "drop")
-            return (f"not judged: baselines drop like the parent (stable - parent "
-                    f"{worse:+.3f})"), ratio
-    ok = stable <= 0.5 * best
-    return ("**holds**" if ok else "fails") + f" ({stable:.3f} vs 0.5 × {best:.3f})", ratio
+    notes = []
+    for b in BASELINES:
+        d = reg["paired"].get(b, {}).get(metric, [])
+        if len(d) > 1 and statistics.mean(d) > statistics.stdev(d):
+            notes.append(f"worse than {b} beyond the paired spread")
+    if metric == "drop":
+        final = _mean(arms["stable"], "final_acc") >= max(
+            _mean(arms[b], "final_acc") for b in BASELINES) - 1e-12
+    else:
+        final = _mean(arms["stable"], "final_loss") <= min(
+            _mean(arms[b], "final_loss") for b in BASELINES) + 1e-12
+    notes.append("final ≥ baselines" if final else "final below a baseline")
+    if best <= parent + TOLERANCE[metric]:
+        head = f"not judged: baselines ≈ parent (stable {stable:.3f}, parent {parent:.3f})"
+    else:
+        head = ("**holds**" if stable <= 0.5 * best else "fails") + (
+            f" ({stable:.3f} vs 0.5 × {best:.3f}; parent {parent:.3f})")
+    return head + "; " + "; ".join(notes), ratio
 
 
 def write_report(results: dict[str, tuple[ExperimentConfig, list[Arm]]], planned: list[str],
@@ -207,14 +221,16 @@ def write_report(results: dict[str, tuple[ExperimentConfig, list[Arm]]], planned
         "||Δθ||/||θ₀|| of the morph's new parameters at the end. Mean ± sd over seeds; paired "
         "= stable minus the arm, per seed (same batches), mean ± sd.",
         "",
-        "## Verdicts (stable's drop ≤ 0.5 × the better published baseline's, where a "
-        "baseline drops more than the parent)",
+        "## Verdicts (stable's drop, loss rise for the GPT, ≤ 0.5 × the better published "
+        "baseline's, where a baseline drops more than the parent by over 0.003 / 0.005 nats)",
         "",
         "| cell | " + " | ".join(REGIMES) + " |",
         "|---|" + "---|" * len(REGIMES),
     ]
     for name in results:
-        row = [verdict(summary[name][r])[0] if r in summary[name] else "-" for r in REGIMES]
+        metric = "loss_rise" if results[name][0].dataset == "text" else "drop"
+        row = [verdict(summary[name][r], metric)[0] if r in summary[name] else "-"
+               for r in REGIMES]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     for name, (cfg, _) in results.items():
         lines += ["", f"## {name}", "",
@@ -255,11 +271,12 @@ def write_report(results: dict[str, tuple[ExperimentConfig, list[Arm]]], planned
         lines += ["", research.read_text().strip()]
     path = RESULTS / "stability_matrix.md"
     path.write_text("\n".join(lines) + "\n")
-    heatmap(summary, list(results))
+    heatmap(summary, list(results), {n: ("loss_rise" if c.dataset == "text" else "drop")
+                                     for n, (c, _) in results.items()})
     return path
 
 
-def heatmap(summary: dict[str, Any], names: list[str]) -> None:
+def heatmap(summary: dict[str, Any], names: list[str], metrics: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,8 +284,8 @@ def heatmap(summary: dict[str, Any], names: list[str]) -> None:
 
     if not names:
         return
-    data = [[(verdict(summary[n][r])[1] if r in summary[n] else None) for r in REGIMES]
-            for n in names]
+    data = [[(verdict(summary[n][r], metrics[n])[1] if r in summary[n] else None)
+             for r in REGIMES] for n in names]
     grid = [[math.log2(v) if v and v > 0 else float("nan") for v in row] for row in data]
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.5))
     im = ax.imshow(grid, cmap="RdYlGn_r", vmin=-4, vmax=4, aspect="auto")
@@ -278,8 +295,8 @@ def heatmap(summary: dict[str, Any], names: list[str]) -> None:
                     fontsize=8)
     ax.set_xticks(range(len(REGIMES)), REGIMES)
     ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_title("stable's drop / better published baseline's drop\n(log2 colour; < 0.5 "
-                 "is the goal; '-' = no baseline drop)", fontsize=9)
+    ax.set_title("stable's drop (GPT: loss rise) / better published baseline's\n(log2 "
+                 "colour; < 0.5 is the goal; '-' = no baseline drop)", fontsize=9)
     fig.colorbar(im, ax=ax, label="log2 ratio")
     fig.tight_layout()
     fig.savefig(RESULTS / "stability_matrix.png", dpi=110)
