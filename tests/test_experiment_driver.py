@@ -172,3 +172,14 @@ def test_cli_mistakes_exit_2_with_a_message_and_write_nothing(
     assert main(["experiment", "--dataset", "digits", "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_folder_from_before_the_stable_rule_is_not_resumed_with_it(tmp_path: Path) -> None:
+    cfg = tiny(schemes=["stable"], baselines=[], regimes=["same"])
+    quiet(cfg, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["stable_rule"]  # written before the rule existed: published stable
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ExperimentError, match=r"differs in \['stable_rule'\]"):
+        quiet(cfg, tmp_path)
+    quiet(tiny(schemes=["stable"], baselines=[], regimes=["same"], stable_rule=[]), tmp_path)

@@ -461,7 +461,9 @@ class Experiment:
         except (ValueError, OSError) as err:
             raise ExperimentError(f"{path} is damaged ({err}); delete it (and the folder's "
                                   f"runs if they belong to another experiment)") from None
-        # a field added to the config since the folder was written takes its default
+        # a field added to the config since the folder was written takes its default, except
+        # the stable rule: a folder from before it existed ran the published stable scheme
+        stored.setdefault("stable_rule", [])
         theirs = {**json.loads(json.dumps(asdict(ExperimentConfig()))), **stored}
         if theirs != mine:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
