@@ -286,7 +286,8 @@ def heatmap(summary: dict[str, Any], names: list[str], metrics: dict[str, str]) 
         return
     data = [[(verdict(summary[n][r], metrics[n])[1] if r in summary[n] else None)
              for r in REGIMES] for n in names]
-    grid = [[math.log2(v) if v and v > 0 else float("nan") for v in row] for row in data]
+    grid = [[math.log2(max(v, 1 / 16)) if v is not None else float("nan") for v in row]
+            for row in data]
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.5))
     im = ax.imshow(grid, cmap="RdYlGn_r", vmin=-4, vmax=4, aspect="auto")
     for i, row in enumerate(data):
