@@ -1,22 +1,29 @@
-"""How much a factorised layer amplifies the first optimiser steps, and what to do about it.
+"""The stable scheme's rule in experiments: how much a factor pair amplifies the first
+optimiser steps, and what to do about it (issue 9; the research log with every number is in
+``benchmarks/results/stability_matrix.md``).
 
-A deepen (or a dense kernel enlargement) replaces the parent's layer ``W`` by two factors with
-``F2 (*) F1 = W~``. One optimiser step on the factors changes the composite by
-``dW = J dF`` (``J``: the Jacobian of the composite in the factors); the parent's own step on
-``W`` is ``dW_p``. For a gradient ``U`` on the parent kernel's support:
+A deepen (or an insert_subnet branch) puts two factors with ``F2 (*) F1 = W~`` where the
+parent had one layer ``W``. One optimiser step on the factors changes the block's output by
+``J dF`` (``J``: the Jacobian of the composite in the factors); the parent's own step on ``W``
+changes it by ``dW``:
 
-- SGD: ``dF = -lr J^T U``, so ``<U, dW> / <U, dW_p> = ||J^T U||^2 / ||U||^2``;
-- Adam-like optimisers (each entry moves by about ``lr``): ``dF = -lr sign(J^T U)``,
-  ``dW_p = -lr sign(U)``, the ratio of the sizes ``||J sign(J^T U)|| / ||sign(U)||``.
+- SGD: ``dF = -lr J^T U``, ratio ``<U, J dF> / <U, dW> = ||J^T U||^2 / ||U||^2``;
+- Adam-like (fresh parameters step by ``lr sign(g)``): ratio of ``||J sign(J^T U)||`` to
+  ``||sign(U)||``.
 
-:func:`amplification` averages these over random ``U``. Two remedies, both exact (the
-function is untouched):
+:func:`data_amplification` measures it on the layer's real inputs (a probe batch),
+:func:`amplification` on i.i.d. random kernel gradients. The adopted rule
+(``STABLE_RULE`` in :mod:`stablemorph.experiment.stability`), every step exact and dense:
 
-- :func:`regauge_`: rescale each middle channel (``F1[m] *= d_m``, ``F2[:, m] /= d_m``; the
-  activation between them is positively homogeneous, so the block computes the same) to the
-  ``d_m`` that minimises the SGD amplification: ``d_m^2 = ||g_F1[m]|| / ||g_F2[:, m]||``;
-- :func:`lr_scales`: a learning-rate multiplier ``1 / amplification`` for both factors, so the
-  child's first step in function space has the parent's size.
+- :func:`orthogonal_second_`: a pointwise pair gets a dense random orthogonal second factor
+  (the published solve leaves the parent's spectrum in ``F2``: anisotropic steps);
+- :func:`carry_factor_state_`: the parent layer's optimiser state mapped onto the factors;
+- :func:`lr_scales` + :func:`with_lr_scales`: the factors' rate times ``1 / amplification``,
+  and under Adam times the parent layer's own typical step (:func:`adam_step_ratio`).
+
+Hypotheses that did not make it, kept as arm options for the record: :func:`regauge_`
+(minimum average amplification), :func:`isometric_gauge_`, :func:`shrink_first_bias_`,
+:func:`scale_new_fan_out_` (widen).
 """
 
 from __future__ import annotations
