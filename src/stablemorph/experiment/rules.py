@@ -51,6 +51,7 @@ class FactorPair:
     stride: int
     groups: int
     kernel: int  # the parent's kernel size (0 for Linear, -1 unknown: whole composite)
+    parent_layer: str = ""  # the parent's layer the pair stands for (deepen) or splits (subnet)
 
 
 def factor_pairs(model: nn.Module) -> list[FactorPair]:
@@ -78,7 +79,7 @@ def factor_pairs(model: nn.Module) -> list[FactorPair]:
         k = f1.kernel_size[0] if hasattr(f1, "kernel_size") else 0
         if rec.op != "deepen" and k:
             k = -1
-        pairs.append(FactorPair(base, first, second, stride, groups, k))
+        pairs.append(FactorPair(base, first, second, stride, groups, k, rec.target))
     return pairs
 
 

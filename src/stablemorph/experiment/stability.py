@@ -325,7 +325,7 @@ def grow(
                            probe=probe if "dlr" in options else None)
         if "adamr" in options:
             for pair in factor_pairs(child):
-                r = adam_step_ratio(optimizer, parent, pair.target)
+                r = adam_step_ratio(optimizer, parent, pair.parent_layer)
                 for n in scales:
                     if r is not None and n.startswith(f"{pair.target}."):
                         scales[n] *= r
