@@ -199,6 +199,10 @@ def write_report(results: dict[str, tuple[ExperimentConfig, list[Arm]]], planned
         "# The stability matrix",
         "",
         f"Command: `{command}`  ",
+        "Runs: `PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/stability_matrix.py --cells "
+        "CELL...` (several invocations side by side, each cell in `runs/stability_matrix/CELL`, "
+        "resumed where stopped); this file is rebuilt from the finished folders with "
+        "`--report-only --cells all`.  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs "
         f"(load average {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}, one "
         f"thread; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
