@@ -143,3 +143,18 @@ def test_ddp_model_is_rewrapped(tmp_path):
         _train_step(grown, opt, 1)
     finally:
         dist.destroy_process_group()
+
+
+def test_readme_growing_while_training_runs_as_written(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Growing while training", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    scope: dict[str, object] = {}
+    exec(compile(block, "README.md", "exec"), scope)  # our own README
+    printed = capsys.readouterr().out.strip()
+    assert printed in section  # the output the README quotes
+    events = scope["grower"].events  # type: ignore[attr-defined]
+    assert [e.step for e in events] == [50, 100]

@@ -421,6 +421,7 @@ def run_from_args(args) -> int:
     cfg = ProgressiveConfig(layers=tuple(args.layers), stage_fractions=tuple(args.stages),
                             budget_steps=args.budget_steps, d_model=args.d_model,
                             seeds=tuple(range(args.seeds)), arms=tuple(args.arms))
-    run(cfg, args.out, "stablemorph " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    prog = sys.argv[0] if sys.argv[0].endswith("benchmarks/progressive.py") else "stablemorph"
+    run(cfg, args.out, " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]))
     print((args.out / "progressive.md").read_text())
     return 0
