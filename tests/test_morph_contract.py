@@ -186,3 +186,31 @@ def test_run_morph_accepts_a_target_that_is_no_module() -> None:
     child = run_morph("noop", model, "depth", "stable", {"seed": 0},
                       lambda _child, _probe: Surgery(), inputs("mlp").flatten(1), None, None)
     assert history(child)[-1].target == "depth" and last_report(child).max_abs == 0.0
+
+
+def test_a_morph_that_would_untie_tied_weights_is_refused_by_name() -> None:
+    import pytest
+    import torch
+    from torch import nn
+
+    from stablemorph import MorphError, deepen
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(10, 8), nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.mid(self.emb(x))))
+
+    model, x = Tied(), torch.randint(0, 10, (4, 5))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MorphError, match=r"deepen 'head': \['emb.weight', 'head.weight'\] "
+                                         r"are one tied tensor"):
+        deepen(model, "head", inputs=x)
+    assert model.head.weight is model.emb.weight
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k])
+    deepen(model, "mid", inputs=x)  # a layer outside the tie still deepens

@@ -306,6 +306,12 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
         raise MorphError(f"{op} {target!r}: out of memory building the child "
                          f"({type(err).__name__}: {err}); {mem_note}") from err
 
+    untied = _broken_ties(model, child)
+    if untied:
+        raise MorphError(
+            f"{op} {target!r}: {untied} are one tied tensor in the parent, and this morph "
+            f"replaces the layer holding part of it: the copies would train apart. Untie "
+            f"them first (give each layer its own parameter) or morph another layer")
     parent_params = dict(model.named_parameters())
     param_map: dict[str, ParamOrigin] = {}
     for name, p in child.named_parameters():
@@ -374,6 +380,28 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
     json.dumps(record_kwargs)  # the replay recipe must stay JSON
     append_record(child, MorphRecord(op, target, record_kwargs, report))
     return child
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names sharing one parameter object (weight tying), groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _broken_ties(parent: nn.Module, child: nn.Module) -> list[str] | None:
+    """A parent tie group the child no longer holds as one tensor (by as many names), or
+    ``None``. The child is a deep copy, so a kept tie is still one object there."""
+    held = dict(child.named_parameters(remove_duplicate=False))
+    for names in _tied_groups(parent):
+        present = [held[n] for n in names if n in held]
+        if not present:
+            continue
+        holders = sum(p is present[0] for p in held.values())
+        if holders < len(names) or any(p is not present[0] for p in present):
+            return names
+    return None
 
 
 def _probe_eval(model: nn.Module, probe: Probe) -> None:
