@@ -328,7 +328,7 @@ def _run_experiment(args: argparse.Namespace, demo: bool) -> int:
                 "For Fashion-MNIST: apt-get install dataset-fashion-mnist",
                 flush=True,
             )
-        else:
+        elif not small:
             print(f"running on {dataset} (12,000 training / 1,000 test images for the demo)",
                   flush=True)
     else:
