@@ -157,3 +157,14 @@ def test_factors_follow_dtype_and_padding_target() -> None:
     assert F1.dtype == torch.float64
     assert_close(composite(F1, F2), pad_kernel(G, 5), rtol=0, atol=1e-12)
     assert rep.residual_cast == pytest.approx(rep.residual, rel=1e-3, abs=1e-15)
+
+
+def test_netmorph_deepen_of_a_one_channel_conv_is_finite_and_exact() -> None:
+    """NetMorph's equal-std normalisation took the (Bessel) std of a one-element factor: NaN."""
+    import stablemorph as sm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3, padding=1))
+    x = torch.randn(4, 3, 8, 8)
+    child = sm.deepen(model, "0", scheme="netmorph", inputs=x)
+    torch.testing.assert_close(child(x), model(x), rtol=1e-5, atol=1e-6)

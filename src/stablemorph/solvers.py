@@ -224,8 +224,9 @@ def balance(F1: Tensor, F2: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
 
 def _equal_std(F1: Tensor, F2: Tensor) -> tuple[Tensor, Tensor]:
     """NetMorph's normalisation: one scalar so both factors have the same standard deviation."""
-    s1, s2 = F1.std(), F2.std()
-    if s1 <= 0 or s2 <= 0:
+    # Population std: a one-element factor (a single output channel) has std 0, not NaN.
+    s1, s2 = F1.std(correction=0), F2.std(correction=0)
+    if not (s1 > 0 and s2 > 0):
         return F1, F2
     s = (s2 / s1).sqrt()
     return F1 * s, F2 / s
