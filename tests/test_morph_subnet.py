@@ -231,3 +231,27 @@ def test_token_block_shortcut_gets_a_per_token_branch() -> None:
     branch = child[1].shortcut.branch
     assert isinstance(branch.first, nn.Linear) and branch.first.in_features == 8
     assert_same_function(model, child, torch.randn(2, 10, 6))
+
+
+def test_insert_subnet_takes_a_dict_probe_of_keyword_inputs() -> None:
+    import torch
+    from torch import nn
+
+    import stablemorph as sm
+
+    class Keyworded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = nn.Identity()  # a branch grows here, shaped by the probe's input
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.block(torch.relu(self.a(pixel_values)))))
+
+    torch.manual_seed(0)
+    model, x = Keyworded(), torch.randn(4, 3, 8, 8)
+    child = sm.insert_subnet(model, "block", inputs={"pixel_values": x})
+    torch.testing.assert_close(child(pixel_values=x), model(pixel_values=x), rtol=1e-5,
+                               atol=1e-6)
+    assert sm.last_report(child).zero_fraction == 0.0

@@ -90,7 +90,8 @@ def _input_shape(model: nn.Module, target: str, probe: tuple[Tensor, ...]) -> to
     handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
     try:
         with preserved_state(model), torch.no_grad():
-            model(*probe)
+            run = getattr(probe, "run", None)  # a verify.Probe also carries keyword inputs
+            run(model) if run is not None else model(*probe)
     finally:
         handle.remove()
     if not seen:
