@@ -48,14 +48,7 @@ def composite(F1: Tensor, F2: Tensor, stride: int = 1, groups: int = 1) -> Tenso
     For convolutions it is ``conv(F1^T, flip(F2), padding=s (K2-1), dilation=s)^T``, computed
     per group by a grouped convolution.
     """
-    nd = spatial_dims(F1)
-    if spatial_dims(F2) != nd:
-        raise ValueError(f"factors differ in kind: F1 {tuple(F1.shape)}, F2 {tuple(F2.shape)}")
-    if F1.shape[0] != F2.shape[1] * groups:
-        raise ValueError(
-            f"F1 has {F1.shape[0]} output channels but F2 expects {F2.shape[1] * groups} "
-            f"(F1 {tuple(F1.shape)}, F2 {tuple(F2.shape)}, groups={groups})"
-        )
+    nd = _check_pair(F1, F2, groups)
     if nd == 0:
         if groups != 1:
             raise ValueError("linear layers have no groups")
@@ -264,9 +257,8 @@ def sparsity(*tensors: Tensor, near: float = 1e-3) -> tuple[float, float]:
     return (zeros / total, small / total) if total else (0.0, 0.0)
 
 
-def factor_shape(F1: Tensor, F2: Tensor, stride: int = 1, groups: int = 1) -> BilinearShape:
-    """The :class:`~stablemorph.bilinear.BilinearShape` of a pair of factors (checked to fit
-    together, as in :func:`composite`)."""
+def _check_pair(F1: Tensor, F2: Tensor, groups: int) -> int:
+    """The factors' number of spatial dims, once checked to be of one kind and to chain."""
     nd = spatial_dims(F1)
     if spatial_dims(F2) != nd:
         raise ValueError(f"factors differ in kind: F1 {tuple(F1.shape)}, F2 {tuple(F2.shape)}")
@@ -275,6 +267,13 @@ def factor_shape(F1: Tensor, F2: Tensor, stride: int = 1, groups: int = 1) -> Bi
             f"F1 has {F1.shape[0]} output channels but F2 expects {F2.shape[1] * groups} "
             f"(F1 {tuple(F1.shape)}, F2 {tuple(F2.shape)}, groups={groups})"
         )
+    return nd
+
+
+def factor_shape(F1: Tensor, F2: Tensor, stride: int = 1, groups: int = 1) -> BilinearShape:
+    """The :class:`~stablemorph.bilinear.BilinearShape` of a pair of factors (checked to fit
+    together, as in :func:`composite`)."""
+    nd = _check_pair(F1, F2, groups)
     k1, k2 = (F1.shape[2], F2.shape[2]) if nd else (1, 1)
     return BilinearShape(
         F1.shape[1] * groups, F1.shape[0], F2.shape[0], k1, k2, nd, stride, groups
