@@ -60,3 +60,5 @@ def test_config_refuses_bad_schedules():
         _tiny(layers=(4, 2))
     with pytest.raises(ValueError, match="stage fractions"):
         _tiny(stage_fractions=(0.4, 0.2))
+    with pytest.raises(ValueError, match="budget_steps must be >= 1, got 0"):
+        _tiny(budget_steps=0)

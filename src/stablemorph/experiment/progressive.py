@@ -86,6 +86,9 @@ class ProgressiveConfig:
     plateau_patience: int = 3
 
     def __post_init__(self) -> None:
+        for name in ("budget_steps", "eval_every", "batch_size", "d_model", "n_head"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if list(self.layers) != sorted(set(self.layers)) or len(self.layers) < 2:
             raise ValueError(f"layers must grow strictly, e.g. (2, 4, 8); got {self.layers}")
         for fr in (self.stage_fractions, *self.timing):
