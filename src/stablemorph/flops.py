@@ -19,11 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 def _first_tensor(out: Any) -> Tensor:
     if isinstance(out, Tensor):
         return out
-    values = out.values() if isinstance(out, Mapping) else out
-    if isinstance(out, Mapping) or isinstance(out, Sequence):
-        for value in values:
-            if isinstance(value, Tensor) and value.is_floating_point():
-                return value
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, Sequence) else ()
+    for value in values:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value
     raise TypeError(f"cannot find an output tensor in a {type(out).__name__}")
 
 
