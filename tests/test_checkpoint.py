@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import stablemorph as sm
 from stablemorph.checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -233,6 +234,8 @@ def test_damaged_and_foreign_files(tmp_path: Path) -> None:
         load(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.pt")
+    with pytest.raises(sm.CheckpointNotFoundError):  # exported where users catch it
+        sm.load(tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match=rf"{tmp_path} is a directory, not a checkpoint"):
         load(tmp_path)
     with pytest.raises(CheckpointError, match=rf"cannot save {tmp_path}: it is a directory"):

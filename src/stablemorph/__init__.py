@@ -11,7 +11,13 @@ The flat public API (see README.md)::
 """
 
 from stablemorph.activations import PAct, clamp_pact_
-from stablemorph.checkpoint import CheckpointError, load, load_checkpoint, save
+from stablemorph.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    load,
+    load_checkpoint,
+    save,
+)
 from stablemorph.ddp import morph_ddp
 from stablemorph.equation import composite, feasibility, min_mid_channels
 from stablemorph.flops import FlopMeter, step_flops
@@ -43,6 +49,7 @@ from stablemorph.zoo import build_model
 __all__ = [
     "MORPHS",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "DecompositionError",
     "DecompositionReport",
     "FlopMeter",

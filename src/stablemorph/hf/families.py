@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +40,8 @@ class Family:
     ``block``: role -> parameter name (without prefix) in block ``i``; ``prefix``: where the
     blocks live; ``glob``: Net key -> parameter name; ``writers``: (glob key, stream dim);
     ``fixed_head_dim``: the class derives ``head_dim = hidden / heads`` (it cannot be set);
-    ``inputs``: ``"tokens"`` or ``"pixels"``.
+    ``inputs``: ``"tokens"`` or ``"pixels"``; ``headless``: a base model without its head
+    (``LlamaModel``, ``GPT2Model``, ``ViTModel``): its output is the hidden state itself.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Family:
     fixed_head_dim: bool
     inputs: str
     conv1d: bool = False
+    headless: bool = False
 
 
 def _llama(base: str) -> Family:
@@ -126,8 +129,9 @@ _BERT_CLASSES = ("BertModel", "BertForSequenceClassification")
 
 SUPPORTED = (
     "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, "
-    "GPT2LMHeadModel, ViTForImageClassification, BertModel, BertForSequenceClassification and "
-    "stablemorph.transformer.GPT"
+    "GPT2LMHeadModel, ViTForImageClassification, BertModel, BertForSequenceClassification, "
+    "the base models without a head (LlamaModel, Qwen2Model, Qwen3Model, MistralModel, "
+    "GPT2Model, ViTModel: layers, heads and mlp) and stablemorph.transformer.GPT"
 )
 
 
@@ -147,13 +151,15 @@ def family_of(model: nn.Module) -> Family:
     base = _BASES[kind]
     base = base if any(k.startswith(base) for k in keys) else ""
     fam = _BUILDERS[kind](base)
-    has_head = fam.glob["head.w"] in keys or fam.name == "bert"
-    if f"{fam.prefix}0.{fam.block['ln1.w']}" not in keys or not has_head:
+    # a base model (AutoModel) has no head and no prefix: its blocks sit at the top
+    headless = fam.glob["head.w"] not in keys and fam.name != "bert" and not base
+    if f"{fam.prefix}0.{fam.block['ln1.w']}" not in keys or (
+            fam.glob["head.w"] not in keys and fam.name != "bert" and not headless):
         raise UnsupportedModel(
             f"sm.grow does not support {type(model).__name__} (no "
-            f"{fam.prefix}0.{fam.block['ln1.w']} or {fam.glob['head.w']}: sm.grow compares "
-            f"the logits of models with their head); supported: {SUPPORTED}")
-    return fam
+            f"{fam.prefix}0.{fam.block['ln1.w']} or {fam.glob['head.w']}); supported: "
+            f"{SUPPORTED}")
+    return replace(fam, headless=headless)
 
 
 def tied(model: nn.Module) -> bool:
@@ -269,8 +275,11 @@ def write(model: nn.Module, fam: Family, net: Net, config: object) -> nn.Module:
         from transformers.initialization import no_init_weights
     except ImportError:
         no_init_weights = contextlib.nullcontext
+    # base models built without their pooler (the trunk of a *ForImageClassification) stay so
+    kwargs = {"add_pooling_layer": getattr(model, "pooler", None) is not None} if (
+        "add_pooling_layer" in inspect.signature(type(model).__init__).parameters) else {}
     with no_init_weights():
-        child = type(model)(config)
+        child = type(model)(config, **kwargs)
     child.tie_weights()  # (part of the initialisation skipped)
     child.to(device=ref.device, dtype=ref.dtype)
     state = child.state_dict()

@@ -81,7 +81,9 @@ def grow(
         model: a supported Hugging Face model (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
             ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``GPT2LMHeadModel``,
             ``ViTForImageClassification``, ``BertModel``,
-            ``BertForSequenceClassification``) or a :class:`stablemorph.transformer.GPT`.
+            ``BertForSequenceClassification``), a base model without its head
+            (``LlamaModel``, ``GPT2Model``, ``ViTModel`` ...: layers, heads and mlp only; the
+            last hidden state is compared) or a :class:`stablemorph.transformer.GPT`.
             Never modified.
         layers: number of blocks; new identity blocks follow evenly spaced parent blocks
             (refused for post-LayerNorm BERT: no exact identity layer exists there).
@@ -197,6 +199,13 @@ def plan(model: nn.Module, fam: Family, net: Net, targets: dict[str, int | None]
     elif cur["kv_heads"] == cur["heads"] and targets["kv_heads"] is None and not hasattr(
             model.config, "num_key_value_heads"):
         want["kv_heads"] = want["heads"]
+    if fam.headless and want["hidden"] != cur["hidden"]:
+        raise MorphError(
+            f"grow: {name} has no head, so its output is the hidden state itself: "
+            f"hidden={want['hidden']} would change the output's width (it is {cur['hidden']}"
+            f"{'; GPT-2 heads take hidden along' if fam.fixed_head_dim else ''}); grow "
+            f"layers, mlp{'' if fam.fixed_head_dim else ', heads'} here, or the model with "
+            f"its head for hidden")
     h2, kv2 = want["heads"], want["kv_heads"]
     if h2 % kv2:
         lo = max(cur["heads"], (h2 // kv2) * kv2)
