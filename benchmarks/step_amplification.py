@@ -4,7 +4,7 @@ optimiser step, in function space, relative to the parent's own step.
 A deepen replaces a layer ``W`` by ``F2 (*) F1``. One step on the factors changes the block's
 output on the layer's real input ``x`` (from a probe batch) by ``J dF``; the parent's step on
 ``W`` changes it by ``dW``. For random output gradients ``delta``
-(:func:`stablemorph.experiment.rules.data_amplification`):
+(:func:`stablemorph.morphs.first_step.step_amplification`):
 
 - SGD: ``<delta, J dF> / <delta, dW>`` (``dF = -lr J^T delta``, ``dW = -lr delta x^T``);
 - Adam-like: ``||J sign(g_F)|| / ||sign(g_W)||``: fresh parameters step by ``lr sign(g)``.
@@ -29,6 +29,7 @@ from stablemorph.experiment import rules
 from stablemorph.experiment.data import load_dataset
 from stablemorph.experiment.stability import ExperimentConfig, grow
 from stablemorph.experiment.train import TrainConfig, make_optimizer, train
+from stablemorph.morphs.first_step import block_input, step_amplification
 from stablemorph.zoo import build_model
 
 ARMS = ("stable+raw", "stable+raw+orth2", "netmorph", "net2net")
@@ -59,9 +60,12 @@ def main() -> None:
                                    {"kernel_size": k2})
             for arm in ARMS:
                 child, _, _ = grow(model, opt, cfg, arm, 0, probe)
+                modules = dict(child.named_modules())
                 for pair in rules.factor_pairs(child):
-                    sgd = rules.data_amplification(child, pair, probe, "sgd")
-                    adam = rules.data_amplification(child, pair, probe, "adamw")
+                    x = block_input(child, modules[pair.first], probe)
+                    block = modules[pair.target]
+                    sgd = step_amplification(block, x, pair.kernel, adaptive=False)
+                    adam = step_amplification(block, x, pair.kernel, adaptive=True)
                     rnd = rules.amplification(child, pair, "sgd")
                     print(f"| {kind} | {k2 or '-'} | {pair.target} | {arm} | {sgd:.2f} | "
                           f"{adam:.2f} | {rnd:.2f} |", flush=True)

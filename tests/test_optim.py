@@ -26,6 +26,8 @@ from stablemorph.zoo import build_model
 torch.set_num_threads(1)
 
 SCALED = TransferRule(scaled=frozenset(STATE_KINDS), fresh_state="none")
+# The deepens here test the published transfer of fresh parameters (step_rule=False); the
+# stable scheme's step rule on top of it is tested in test_stable_rule.py.
 
 
 class Tiny(nn.Module):
@@ -191,7 +193,7 @@ def test_untouched_layer_takes_the_parents_step(optimizer: str, morph: str) -> N
     if morph == "widen":
         child = widen(parent, "fc1", 9, input_shape=[8, 8])
     else:
-        child = deepen(parent, "fc1", input_shape=[8, 8])
+        child = deepen(parent, "fc1", input_shape=[8, 8], step_rule=False)
     new = transfer_optimizer(opt, parent, child)
 
     trained(parent, opt, steps=1, in_features=8, seed=9)
@@ -210,7 +212,7 @@ def test_fresh_parameters_start_from_scratch() -> None:
     parent = mlp_parent(4)
     opt = torch.optim.Adam(parent.parameters(), lr=1e-2)
     trained(parent, opt, steps=4, in_features=8)
-    child = deepen(parent, "fc1", input_shape=[8, 8])
+    child = deepen(parent, "fc1", input_shape=[8, 8], step_rule=False)
     new = transfer_optimizer(opt, parent, child, rule=SCALED)
 
     fresh = [n for n, o in child._stablemorph_history[-1].report.param_map.items()
@@ -238,7 +240,7 @@ def test_param_groups_follow_sources_and_nearest_names() -> None:
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 1e-3, "lr": 0.1},
                            {"params": no_decay, "weight_decay": 0.0, "lr": 0.02}],
                           lr=0.5, momentum=0.9)
-    child = deepen(parent, "fc1", input_shape=[8, 8])
+    child = deepen(parent, "fc1", input_shape=[8, 8], step_rule=False)
 
     new = transfer_optimizer(opt, parent, child)
 
@@ -370,7 +372,7 @@ def test_unknown_state_on_unchanged_parameters_is_copied() -> None:
     parent = mlp_parent(2)
     opt = Custom(parent.parameters(), lr=0.1)
     trained(parent, opt, steps=1, in_features=8)
-    child = deepen(parent, "head", input_shape=[8, 8])  # fc1, fc2 unchanged
+    child = deepen(parent, "head", input_shape=[8, 8], step_rule=False)  # fc1, fc2 unchanged
     new = transfer_optimizer(opt, parent, child)
     torch.testing.assert_close(new.state[child.fc1.weight]["trace"],
                                opt.state[parent.fc1.weight]["trace"], rtol=0, atol=0)
@@ -391,7 +393,7 @@ def test_lr_scale_puts_parameters_into_their_own_groups() -> None:
                              {"params": [p for p in parent.parameters() if p.dim() == 1],
                               "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1)
     trained(parent, opt, steps=2, in_features=8)
-    child = with_lr_scale(deepen(parent, "fc2", input_shape=[8, 8]),
+    child = with_lr_scale(deepen(parent, "fc2", input_shape=[8, 8], step_rule=False),
                           {"fc2.first.weight": 0.1, "fc2.second.weight": 0.1,
                            "fc2.first.bias": 0.25})
     new = transfer_optimizer(opt, parent, child)
@@ -419,7 +421,8 @@ def test_scheduler_follows_lr_scale_groups() -> None:
     for _ in range(2):
         trained(parent, opt, steps=1, in_features=8)
         sched.step()
-    child = with_lr_scale(deepen(parent, "fc1", input_shape=[8, 8]), {"fc1.first.weight": 0.1})
+    child = with_lr_scale(deepen(parent, "fc1", input_shape=[8, 8], step_rule=False),
+                          {"fc1.first.weight": 0.1})
     new_opt = transfer_optimizer(opt, parent, child)
     new_sched = transfer_scheduler(sched, new_opt)
     assert len(new_opt.param_groups) == 2
@@ -440,7 +443,7 @@ def test_a_recorded_stand_in_chooses_group_and_borrowed_state() -> None:
                             {"params": [parent.fc2.weight, parent.fc2.bias, parent.head.weight,
                                         parent.head.bias], "lr": 1e-3}], lr=1e-2)
     trained(parent, opt, steps=3, in_features=8)
-    child = deepen(parent, "fc1", input_shape=[8, 8])
+    child = deepen(parent, "fc1", input_shape=[8, 8], step_rule=False)
     param_map = child._stablemorph_history[-1].report.param_map
     param_map["fc1.first.weight"].stand_in = "fc2.weight"  # by name it would be fc1.weight
     new = transfer_optimizer(opt, parent, child,
@@ -509,7 +512,7 @@ def test_the_default_rule_is_the_measured_one() -> None:
     parent = mlp_parent(8)
     adam = torch.optim.Adam(parent.parameters(), lr=1e-2)
     trained(parent, adam, steps=3, in_features=8)
-    child = deepen(parent, "fc2", input_shape=[8, 8])
+    child = deepen(parent, "fc2", input_shape=[8, 8], step_rule=False)
     fresh = child.fc2.first.weight
     st = transfer_optimizer(adam, parent, child).state[fresh]
     src = adam.state[parent.fc2.weight]  # its stand-in, by name

@@ -1,10 +1,8 @@
-"""The stable scheme's default rule in experiments (experiment/rules.py): the factors of a
-deepen or subnet get the learning-rate multiplier 1 / first-step amplification; the child
-stays exact and dense; every research option that re-factors keeps the function."""
+"""The stability experiment's arms (experiment/stability.py ``grow``): ``stable`` is the
+library's step rule (test_stable_rule.py tests the rule itself), the baselines get it only on
+request, and every research option of experiment/rules.py that re-factors keeps the function."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -12,8 +10,16 @@ import torch.nn.functional as F
 
 from stablemorph.equation import sparsity
 from stablemorph.experiment import rules
-from stablemorph.experiment.stability import STABLE_RULE, ExperimentConfig, grow, new_parameters
+from stablemorph.experiment.stability import (
+    STABLE_RULE,
+    ExperimentConfig,
+    ExperimentError,
+    grow,
+    new_parameters,
+    plan_arm,
+)
 from stablemorph.experiment.train import TrainConfig, make_optimizer
+from stablemorph.morphs.first_step import block_input, step_amplification
 from stablemorph.zoo import build_model
 
 torch.set_num_threads(1)
@@ -61,8 +67,11 @@ def test_stable_with_its_rule_is_exact_dense_and_scales_only_the_factors(kind: s
     name_of = {id(p): n for n, p in child.named_parameters()}
     scaled = {name_of[id(p)]: g["lr_scale"] for g in child_opt.param_groups
               for p in g["params"] if g["lr_scale"] != pytest.approx(1.0)}
+    modules = dict(child.named_modules())
     for pair in pairs:
-        amp = rules.data_amplification(child, pair, x[:8], "sgd")
+        amp = step_amplification(modules[pair.target],
+                                 block_input(child, modules[pair.first], x[:8]), pair.kernel,
+                                 adaptive=False)
         for layer in (pair.first, pair.second):
             for suffix in ("weight", "bias"):
                 assert scaled[f"{layer}.{suffix}"] == pytest.approx(1 / amp)
@@ -82,6 +91,19 @@ def test_the_baselines_and_raw_stable_get_no_multiplier() -> None:
     assert sum(g["lr_scale"] != 1.0 for g in child_opt.param_groups) == 2
 
 
+@pytest.mark.parametrize(("arm", "message"), [
+    ("stable+raw+dlr", r"\['dlr'\] need the stable step rule's gauge \(orth2\)"),
+    ("netmorph+orth2", "orth2 is the stable scheme's gauge"),
+    ("stable+gauge", r"\['gauge'\] re-gauge after the morph: combine them with \+raw only"),
+])
+def test_arms_the_library_path_cannot_express_are_refused(arm: str, message: str) -> None:
+    with pytest.raises(ExperimentError, match=message):
+        plan_arm(arm)
+    plan = plan_arm("netmorph+state+dlr+adamr")
+    assert plan.step_rule and plan.rule.lr_advice and plan.rule.factor_state
+    assert not plan_arm("stable+raw").step_rule and plan_arm("stable").step_rule
+
+
 def test_random_gradient_amplification_of_a_linear_pair_matches_its_closed_form() -> None:
     """For a Linear pair and i.i.d. gradients U, E||J^T U||^2 / E||U||^2 =
     ||F2||^2 / C_out + ||F1||^2 / C_in."""
@@ -95,13 +117,10 @@ def test_random_gradient_amplification_of_a_linear_pair_matches_its_closed_form(
         expected, rel=0.05)
 
 
-@pytest.mark.parametrize("option", ["regauge_", "isometric_gauge_", "orthogonal_second_",
-                                    "shrink_first_bias_"])
+@pytest.mark.parametrize("option", ["regauge_", "isometric_gauge_", "shrink_first_bias_"])
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
 def test_every_refactoring_option_keeps_the_function(kind: str, option: str) -> None:
     model, cfg, x, _ = parent(kind)
-    if option == "orthogonal_second_":
-        cfg.morph_kwargs = {}  # pointwise second factors: the ones it re-factors
     child, _, _ = grow(model, make_optimizer(model, TrainConfig()), cfg, "stable+raw", 0, x[:8])
     ref = outputs(child, x)
     before = {n: p.detach().clone() for n, p in child.named_parameters()}
@@ -109,44 +128,3 @@ def test_every_refactoring_option_keeps_the_function(kind: str, option: str) -> 
     fn(child, 0.01) if option == "shrink_first_bias_" else fn(child)
     assert (outputs(child, x) - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert any(not torch.equal(p, before[n]) for n, p in child.named_parameters())
-
-
-def test_mapped_momentum_of_a_linear_pair_is_the_gradient_through_the_factors() -> None:
-    model, cfg, x, y = parent("mlp")
-    child, _, _ = grow(model, make_optimizer(model, TrainConfig()), cfg, "stable+raw", 0, x[:8])
-    model, child = copy.deepcopy(model).eval(), copy.deepcopy(child).eval()
-    popt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    F.cross_entropy(model(x), y).backward()
-    for p in model.parameters():
-        popt.state[p]["momentum_buffer"] = p.grad.clone()
-    copt = torch.optim.SGD(child.parameters(), lr=0.1, momentum=0.9)
-    rules.carry_factor_state_(copt, child, popt, model)
-    F.cross_entropy(child(x), y).backward()
-    m = dict(child.named_modules())
-    for pair in rules.factor_pairs(child):
-        for layer in (pair.first, pair.second):
-            for p in m[layer].parameters():
-                torch.testing.assert_close(copt.state[p]["momentum_buffer"], p.grad,
-                                           rtol=1e-5, atol=1e-7)
-
-
-def test_adam_step_ratio_is_the_parent_layers_mean_normalised_step() -> None:
-    model, cfg, x, y = parent("mlp")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(4):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    st = opt.state[model.fc1.weight]
-    m, v = st["exp_avg"] / (1 - 0.9**4), st["exp_avg_sq"] / (1 - 0.999**4)
-    expected = float((m.abs() / (v.sqrt() + 1e-8)).mean())
-    assert rules.adam_step_ratio(opt, model, "fc1") == pytest.approx(expected)
-    assert rules.adam_step_ratio(make_optimizer(model, TrainConfig()), model, "fc1") is None
-    cfg.optimizer = "adamw"
-    child, child_opt, _ = grow(model, opt, cfg, "stable", 0, x[:8])
-    pair = rules.factor_pairs(child)[0]
-    amp = rules.data_amplification(child, pair, x[:8], "adamw")
-    name_of = {id(p): n for n, p in child.named_parameters()}
-    scale = next(g["lr_scale"] for g in child_opt.param_groups
-                 if any(name_of[id(p)] == f"{pair.first}.weight" for p in g["params"]))
-    assert scale == pytest.approx(expected / amp)

@@ -38,6 +38,12 @@ choices by measurement, ``benchmarks/results/optim_rule.md``):
   GPT's post-growth rise from 0.24 to 0.06 nats (5 of 5 seeds). Under SGD a zero momentum
   buffer is the same as none. A stand-in with an unknown per-entry key gives no state.
 
+- **factor pairs** (the step rule: a morph recorded ``factor`` on the pair's parameters,
+  :mod:`stablemorph.step_rule`): the first and second moments are the parent layer's mapped
+  through the factorisation (:func:`~stablemorph.step_rule.factor_state`: the first moment
+  the factors would hold had the parent's gradients flowed through them), ``step`` the
+  layer's; other keys as for fresh parameters.
+
 Param groups (one rule for every morph): a child parameter with a source joins its source's
 group, and is left out when the optimiser did not hold its source (frozen or excluded). A
 fresh parameter joins the group of its stand-in: the recorded ``stand_in``, else the *nearest*
@@ -53,7 +59,13 @@ Learning-rate multipliers: a child parameter whose origin has ``lr_scale != 1`` 
 extra group (appended after the original ones, one per (group, scale)), a copy of its group's
 hyper-parameters with ``lr`` (and a scheduler's ``initial_lr``, ``max_lr``, ``min_lr``) times
 the scale; :func:`transfer_scheduler` then extends the scheduler's per-group lists the same
-way (``base_lrs`` scaled, lambdas repeated).
+way (``base_lrs`` scaled, lambdas repeated). With the step rule the scale is ``lr_scale``
+times the morph's recorded multiplier (``lr_advice``) for the optimiser's family
+(:func:`~stablemorph.step_rule.is_adaptive`: ``"adaptive"``, else ``"sgd"``), and under an
+adaptive optimiser times the typical step of the recorded parent parameter
+(``lr_reference``, :func:`~stablemorph.step_rule.adaptive_step_ratio`) where it has Adam
+state. Morphs record nothing of the kind by default except with the stable scheme, so the
+baselines transfer as published.
 
 Optimisers whose state is not per parameter (:class:`torch.optim.LBFGS`: flat ``d``,
 ``prev_flat_grad`` and curvature pairs over all parameters) are refused up front.
@@ -78,6 +90,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from stablemorph.record import MorphRecord, ParamOrigin, compose_origins, history
+from stablemorph.step_rule import adaptive_step_ratio, factor_state, is_adaptive
 
 # State keys of the stock optimisers that hold one value per parameter entry, by how they
 # map: "first" like the weights, "square" like their square, "magnitude" like |weights|.
@@ -107,10 +120,18 @@ class TransferRule:
     (``scale``, ``scale ** 2``, ``|scale|`` by :data:`STATE_KINDS`); the others are copied as
     they are. ``fresh_state``: ``"none"`` (fresh parameters start without state) or
     ``"borrow"`` (zero first moments, the stand-in's mean second moments and step).
+
+    What the step rule recorded (module docstring), applied by default: ``lr_advice`` the
+    recorded learning-rate multipliers, ``adaptive_ratio`` (with ``lr_advice``) their
+    scaling by the parent's typical adaptive step, ``factor_state`` the parent layer's state
+    mapped onto recorded factor pairs.
     """
 
     scaled: frozenset[str]
     fresh_state: str
+    lr_advice: bool = True
+    adaptive_ratio: bool = True
+    factor_state: bool = True
 
     def __post_init__(self) -> None:
         if self.fresh_state not in ("none", "borrow"):
@@ -185,15 +206,16 @@ def transfer_optimizer(
                 f"{name!r}"
             )
         origin = param_map[name]
+        lr_scale = origin.lr_scale * _advised(origin, optimizer, parent_params, rule)
         if origin.is_fresh:
             if not p.requires_grad:
                 continue
             stand_in = origin.stand_in if origin.stand_in in parent_params else _nearest(
                 name, p, parent_params)
             if stand_in is None:
-                members.append((0, origin.lr_scale, name, p))
+                members.append((0, lr_scale, name, p))
             elif stand_in in group_of:
-                members.append((group_of[stand_in], origin.lr_scale, name, p))
+                members.append((group_of[stand_in], lr_scale, name, p))
                 old_state = optimizer.state.get(parent_params[stand_in])
                 if rule.fresh_state == "borrow" and old_state:
                     borrowed = _borrow_state(old_state, parent_params[stand_in], p)
@@ -209,11 +231,16 @@ def transfer_optimizer(
         if source not in group_of:
             continue
         _check_shapes(name, p, source, parent_params[source], origin)
-        members.append((group_of[source], origin.lr_scale, name, p))
+        members.append((group_of[source], lr_scale, name, p))
         old_state = optimizer.state.get(parent_params[source])
         if old_state:
             states[p] = _map_state(old_state, origin, parent_params[source], name, kind,
                                    rule.scaled)
+    if rule.factor_state:
+        held = {id(p) for _, _, _, p in members}
+        for p, mapped in _factor_states(optimizer, parent_params, child, param_map).items():
+            if id(p) in held and (p in states or set(mapped) - {"step"}):
+                states[p] = {**states.get(p, {}), **mapped}
 
     # One group per original group (kept even when empty), then one per (group, lr_scale).
     keys: list[tuple[int, float]] = [(gi, 1.0) for gi in range(len(optimizer.param_groups))]
@@ -246,7 +273,10 @@ def transfer_scheduler(scheduler: LRScheduler, optimizer: torch.optim.Optimizer)
     (``base_lrs`` and last rates scaled, lambdas repeated).
     """
     old = scheduler.optimizer
-    n_old, n_new = len(old.param_groups), len(optimizer.param_groups)
+    # the scheduler's own per-group lists say how many groups it drove (its optimiser may
+    # have been updated in place, :func:`adopt_groups`)
+    n_old = len(getattr(scheduler, "base_lrs", old.param_groups))
+    n_new = len(optimizer.param_groups)
     group_map = getattr(optimizer, _GROUP_MAP_ATTR, None)
     extend = (group_map is not None and len(group_map) == n_new
               and all(gi < n_old for gi, _ in group_map) and n_new != n_old)
@@ -261,6 +291,24 @@ def transfer_scheduler(scheduler: LRScheduler, optimizer: torch.optim.Optimizer)
         _extend_group_lists(new, group_map, n_old)
     _track_step_calls(optimizer)
     return new
+
+
+def adopt_groups(optimizer: torch.optim.Optimizer, grown: torch.optim.Optimizer) -> None:
+    """Make ``optimizer`` hold, in place, the param groups and state of ``grown`` (the
+    result of :func:`transfer_optimizer` on it), so that :func:`transfer_scheduler` can then
+    extend a scheduler still driving ``optimizer`` to the new groups."""
+    optimizer.param_groups[:] = grown.param_groups
+    optimizer.state.clear()
+    optimizer.state.update(grown.state)
+    setattr(optimizer, _GROUP_MAP_ATTR, group_sources(grown))
+
+
+def group_sources(optimizer: torch.optim.Optimizer) -> list[tuple[int, float]] | None:
+    """For an optimiser :func:`transfer_optimizer` returned: per param group, the index of
+    the old optimiser's group it copies and the learning-rate multiplier it applies to it
+    (``None`` for any other optimiser)."""
+    found = getattr(optimizer, _GROUP_MAP_ATTR, None)
+    return None if found is None else list(found)
 
 
 def morphs_param_map(parent: nn.Module, child: nn.Module) -> dict[str, ParamOrigin]:
@@ -300,6 +348,57 @@ def _extend_group_lists(scheduler: Any, group_map: list[tuple[int, float]], n_ol
         scaled = attr in _SCHED_LR_LISTS
         setattr(scheduler, attr, [values[gi] * s if scaled else values[gi]
                                   for gi, s in group_map])
+
+
+def _advised(origin: ParamOrigin, optimizer: torch.optim.Optimizer,
+             parent_params: dict[str, nn.Parameter], rule: TransferRule) -> float:
+    """The step rule's multiplier for a parameter of ``origin`` (module docstring; 1 without
+    a recorded ``lr_advice`` or with ``rule.lr_advice`` off)."""
+    if origin.lr_advice is None or not rule.lr_advice:
+        return 1.0
+    if not is_adaptive(optimizer):
+        return origin.lr_advice["sgd"]
+    scale = origin.lr_advice["adaptive"]
+    reference = parent_params.get(origin.lr_reference) if origin.lr_reference else None
+    ratio = (adaptive_step_ratio(optimizer, reference)
+             if reference is not None and rule.adaptive_ratio else None)
+    return scale if ratio is None else scale * ratio
+
+
+def _factor_states(optimizer: torch.optim.Optimizer, parent_params: dict[str, nn.Parameter],
+                   child: nn.Module, param_map: dict[str, ParamOrigin]
+                   ) -> dict[nn.Parameter, dict[str, Any]]:
+    """The state of every recorded factor pair's parameters (module docstring), mapped from
+    its parent layer's; pairs whose weights are not both still recorded as the pair, or
+    whose layer has no optimiser state, are left out."""
+    params = dict(child.named_parameters())
+    pairs = {(o.factor["first"], o.factor["second"]): o.factor
+             for o in param_map.values() if o.factor is not None}
+    out: dict[nn.Parameter, dict[str, Any]] = {}
+    for (first, second), pair in pairs.items():
+        names = {k: f"{m}.{s}" for k, m, s in (("w1", first, "weight"), ("w2", second, "weight"),
+                                               ("b1", first, "bias"), ("b2", second, "bias"))}
+        if any(param_map.get(names[k]) is None or param_map[names[k]].factor != pair
+               for k in ("w1", "w2")):
+            continue
+        weight = parent_params.get(f"{pair['layer']}.weight")
+        weight_state = optimizer.state.get(weight) if weight is not None else None
+        if not weight_state:
+            continue
+        bias = parent_params.get(f"{pair['layer']}.bias")
+        bias_state = optimizer.state.get(bias, {}) if bias is not None else {}
+        b1 = params.get(names["b1"])
+        mapped = factor_state(params[names["w1"]], params[names["w2"]], b1, pair["stride"],
+                              pair["groups"], weight_state, bias_state)
+        for k, entries in mapped.items():
+            p = params.get(names[k])
+            if p is None or (param_map[names[k]].factor != pair):
+                continue
+            state = {key: v.to(device=p.device, dtype=p.dtype) for key, v in entries.items()}
+            if "step" in weight_state:
+                state["step"] = weight_state["step"].clone()
+            out[p] = state
+    return out
 
 
 def _nearest(name: str, p: Tensor, parent_params: dict[str, nn.Parameter]) -> str | None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stablemorph.optim import transfer_optimizer, transfer_scheduler
+from stablemorph.optim import adopt_groups, transfer_optimizer, transfer_scheduler
 from stablemorph.record import MorphRecord, history
 
 Growth = Callable[[nn.Module], nn.Module] | Mapping[str, Any]
@@ -131,9 +131,7 @@ def grow_in_place(
     _become(module, child)
     if optimizer is not None and grown_opt is not None:
         target = _inner_optimizer(optimizer)
-        target.param_groups[:] = grown_opt.param_groups
-        target.state.clear()
-        target.state.update(grown_opt.state)
+        adopt_groups(target, grown_opt)
         if scheduler is not None:
             _update_scheduler(scheduler, target)
     if ddp is None:

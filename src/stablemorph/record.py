@@ -38,6 +38,16 @@ class ParamOrigin:
     ``lr_scale``: the child parameter's learning rate relative to its param group's
     (:func:`stablemorph.optim.transfer_optimizer` gives parameters with ``lr_scale != 1``
     their own groups).
+
+    The step rule (:mod:`stablemorph.step_rule`; JSON values, so checkpoints keep them):
+    ``lr_advice``: the multipliers the morph recommends, by optimiser family,
+    ``{"sgd": s, "adaptive": a}`` (``transfer_optimizer`` multiplies ``lr_scale`` by the
+    family's figure); ``lr_reference``: the parent parameter whose typical adaptive step
+    further scales the ``"adaptive"`` figure (``None``: none); ``factor``: the parameter
+    belongs to the factor pair ``{"layer", "first", "second", "stride", "groups"}`` standing
+    for the parent's layer ``layer`` (its ``.weight`` and ``.bias``), the pair's modules
+    ``first`` and ``second`` named in the child: its optimiser state is the layer's mapped
+    through the factorisation.
     """
 
     source: str | None
@@ -46,6 +56,9 @@ class ParamOrigin:
     scale: torch.Tensor | None = None
     stand_in: str | None = None
     lr_scale: float = 1.0
+    lr_advice: dict[str, float] | None = None
+    lr_reference: str | None = None
+    factor: dict[str, Any] | None = None
 
     @property
     def is_fresh(self) -> bool:
@@ -104,8 +117,10 @@ def compose_origins(outer: dict[str, ParamOrigin], inner: dict[str, ParamOrigin]
 
     Index maps along the same dim compose (scales multiply, new units stay new); along two
     different dims they cannot be expressed, and the entry becomes fresh with the parent
-    parameter as its stand-in. ``lr_scale`` multiplies along a chain of sources; a fresh
-    parameter keeps its own, and its stand-in is mapped back to the parent.
+    parameter as its stand-in. ``lr_scale`` and ``lr_advice`` multiply along a chain of
+    sources; a fresh parameter keeps its own, and its stand-in (and ``lr_reference``) is
+    mapped back to the parent. A ``factor`` record is kept while the parameter passes
+    unchanged and its layer maps back to an unchanged parent layer; else it is dropped.
     """
 
     def back(name: str | None) -> str | None:
@@ -115,16 +130,17 @@ def compose_origins(outer: dict[str, ParamOrigin], inner: dict[str, ParamOrigin]
     out: dict[str, ParamOrigin] = {}
     for name, o in outer.items():
         i = inner.get(o.source) if o.source is not None else None
+        rule = _compose_rule(o, i, inner)
         if i is None or i.source is None:
             stand_in = back(o.stand_in) if o.source is None else back(o.source)
             lr = o.lr_scale * (1.0 if i is None else i.lr_scale)
-            out[name] = ParamOrigin(None, stand_in=stand_in, lr_scale=lr)
+            out[name] = ParamOrigin(None, stand_in=stand_in, lr_scale=lr, **rule)
             continue
         lr = o.lr_scale * i.lr_scale
         if o.index is None:
-            out[name] = ParamOrigin(i.source, i.dim, i.index, i.scale, lr_scale=lr)
+            out[name] = ParamOrigin(i.source, i.dim, i.index, i.scale, lr_scale=lr, **rule)
         elif i.index is None:
-            out[name] = ParamOrigin(i.source, o.dim, o.index, o.scale, lr_scale=lr)
+            out[name] = ParamOrigin(i.source, o.dim, o.index, o.scale, lr_scale=lr, **rule)
         elif i.dim == o.dim:
             at = o.index.clamp(min=0)
             index = torch.where(o.index >= 0, i.index[at], -1)
@@ -132,10 +148,38 @@ def compose_origins(outer: dict[str, ParamOrigin], inner: dict[str, ParamOrigin]
             i_scale = (torch.ones(len(i.index), dtype=torch.float64) if i.scale is None
                        else i.scale)
             scale = o_scale.double() * i_scale.double()[at]
-            out[name] = ParamOrigin(i.source, o.dim, index, scale, lr_scale=lr)
+            out[name] = ParamOrigin(i.source, o.dim, index, scale, lr_scale=lr, **rule)
         else:
-            out[name] = ParamOrigin(None, stand_in=i.source, lr_scale=lr)
+            out[name] = ParamOrigin(None, stand_in=i.source, lr_scale=lr, **rule)
     return out
+
+
+def _compose_rule(o: ParamOrigin, i: ParamOrigin | None, inner: dict[str, ParamOrigin]
+                  ) -> dict[str, Any]:
+    """The step-rule fields (``lr_advice``, ``lr_reference``, ``factor``) of ``o`` after
+    ``i`` (its source's origin in ``inner``, ``None`` for a fresh ``o``)."""
+
+    def unchanged(param: str | None) -> str | None:
+        j = inner.get(param) if param is not None else None
+        return j.source if j is not None and j.source is not None and j.index is None else None
+
+    def back(param: str | None) -> str | None:
+        j = inner.get(param) if param is not None else None
+        return None if j is None else (j.source if j.source is not None else j.stand_in)
+
+    advice = o.lr_advice
+    if i is not None and i.lr_advice is not None:
+        advice = {k: v * (1.0 if o.lr_advice is None else o.lr_advice.get(k, 1.0))
+                  for k, v in i.lr_advice.items()}
+    reference = back(o.lr_reference) if o.lr_reference is not None else (
+        i.lr_reference if i is not None else None)
+    factor = o.factor
+    if factor is None and i is not None and o.index is None:
+        factor = i.factor
+    elif factor is not None:
+        layer = unchanged(f"{factor['layer']}.weight")
+        factor = None if layer is None else {**factor, "layer": layer[:-len(".weight")]}
+    return {"lr_advice": advice, "lr_reference": reference, "factor": factor}
 
 
 def history(model: nn.Module) -> list[MorphRecord]:

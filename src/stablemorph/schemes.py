@@ -5,11 +5,16 @@ are initialised, whether parameters must be dense, which variants exist) and the
 handlers (:mod:`stablemorph.handlers`) execute the resulting plan, knowing nothing of
 schemes.
 
-| scheme | widen | replicated units' outgoing shares | dense | random bias |
-|---|---|---|---|---|
-| ``stable`` | ``pairs`` (V, V)/(Z, -Z), or ``split`` copies | random, summing to 1 | yes | yes |
-| ``netmorph`` | ``auto``: zeros on the smaller side | 1 for the original, 0 | no | no |
-| ``net2net`` | ``random``: copies of random existing units | equal (1 / copies) | no | no |
+| scheme | widen | replicated units' outgoing shares | dense | random bias | step rule |
+|---|---|---|---|---|---|
+| ``stable`` | ``pairs`` (V, V)/(Z, -Z), or ``split`` | random, summing to 1 | yes | yes | yes |
+| ``netmorph`` | ``auto``: zeros on the smaller side | 1 for the original, 0 | no | no | no |
+| ``net2net`` | ``random``: copies of random units | equal (1 / copies) | no | no | no |
+
+The step rule (deepen, insert_subnet; issue 9): pointwise factor pairs get an orthogonal
+second factor (:func:`stablemorph.morphs.factor.orthogonalise_`), and the morph records the
+learning-rate multipliers and the optimiser-state mapping that
+:func:`stablemorph.optim.transfer_optimizer` applies (:mod:`stablemorph.step_rule`).
 """
 
 from __future__ import annotations
@@ -25,18 +30,20 @@ class Scheme:
     how a unit and its copies split the unit's outgoing weights when every unit must be
     replicated (``"equal"``, ``"original"``: all to the original, ``"random"``);
     ``dense``: every new or changed parameter must be non-zero (feasibility is checked before
-    solving, fresh units get random biases).
+    solving, fresh units get random biases); ``step_rule``: the morphs' default for their
+    ``step_rule`` option (module docstring).
     """
 
     name: str
     widen_variants: tuple[str, ...]
     replica_shares: str
     dense: bool
+    step_rule: bool = False
 
 
 TABLE: dict[str, Scheme] = {
     s.name: s for s in (
-        Scheme("stable", ("pairs", "split"), "random", dense=True),
+        Scheme("stable", ("pairs", "split"), "random", dense=True, step_rule=True),
         Scheme("netmorph", ("auto",), "original", dense=False),
         Scheme("net2net", ("random",), "equal", dense=False),
     )

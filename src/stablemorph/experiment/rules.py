@@ -1,40 +1,30 @@
-"""The stable scheme's rule in experiments: how much a factor pair amplifies the first
-optimiser steps, and what to do about it (issue 9; the research log with every number is in
-``benchmarks/results/stability_matrix.md``).
+"""Research options of the stability experiment (issue 9) that are not the library's rule:
+each re-gauges the factor pairs of a deepen / insert_subnet, or sets learning-rate
+multipliers, after the morph (the research log with every number is in
+``benchmarks/results/stability_research.md``).
 
-A deepen (or an insert_subnet branch) puts two factors with ``F2 (*) F1 = W~`` where the
-parent had one layer ``W``. One optimiser step on the factors changes the block's output by
-``J dF`` (``J``: the Jacobian of the composite in the factors); the parent's own step on ``W``
-changes it by ``dW``:
+The adopted rule lives in the library: the stable scheme's morphs re-factor pointwise pairs
+with an orthogonal second factor (:func:`stablemorph.morphs.factor.orthogonalise_`) and
+record the first-step multipliers measured on the probe
+(:func:`stablemorph.morphs.first_step.advise`) and the factorisation, which
+:func:`stablemorph.optim.transfer_optimizer` applies (:mod:`stablemorph.step_rule`).
 
-- SGD: ``dF = -lr J^T U``, ratio ``<U, J dF> / <U, dW> = ||J^T U||^2 / ||U||^2``;
-- Adam-like (fresh parameters step by ``lr sign(g)``): ratio of ``||J sign(J^T U)||`` to
-  ``||sign(U)||``.
-
-:func:`data_amplification` measures it on the layer's real inputs (a probe batch),
-:func:`amplification` on i.i.d. random kernel gradients. The adopted rule
-(``STABLE_RULE`` in :mod:`stablemorph.experiment.stability`), every step exact and dense:
-
-- :func:`orthogonal_second_`: a pointwise pair gets a dense random orthogonal second factor
-  (the published solve leaves the parent's spectrum in ``F2``: anisotropic steps);
-- :func:`carry_factor_state_`: the parent layer's optimiser state mapped onto the factors;
-- :func:`lr_scales` + :func:`with_lr_scales`: the factors' rate times ``1 / amplification``,
-  and under Adam times the parent layer's own typical step (:func:`adam_step_ratio`).
-
-Hypotheses that did not make it, kept as arm options for the record: :func:`regauge_`
-(minimum average amplification), :func:`isometric_gauge_`, :func:`shrink_first_bias_`,
-:func:`scale_new_fan_out_` (widen).
+Kept here for the record: :func:`amplification` (on i.i.d. random kernel gradients rather
+than the data; option ``lr``, and ``benchmarks/step_amplification.py``), :func:`lr_scales`
+with :func:`with_lr_scales` (multipliers set after the morph: options ``lr``, ``slope``,
+``freeze``), :func:`regauge_` (minimum average amplification), :func:`isometric_gauge_`,
+:func:`shrink_first_bias_`, :func:`scale_new_fan_out_` (widen).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from stablemorph.equation import composite, pad_kernel
+from stablemorph.equation import composite
+from stablemorph.morphs.first_step import block_input, step_amplification
 from stablemorph.record import history
 
 ADAPTIVE = ("adam", "adamw")
@@ -158,107 +148,6 @@ def regauge_(model: nn.Module, samples: int = 8, seed: int = 0) -> None:
         f2.weight.div_(dd.reshape(*dd.shape, *([1] * (f2.weight.dim() - 2))).to(f2.weight.dtype))
 
 
-def _block_input(model: nn.Module, pair: FactorPair, probe: Tensor) -> Tensor:
-    """The input the pair's first factor receives on ``probe`` (eval mode)."""
-    first = dict(model.named_modules())[pair.first]
-    box: list[Tensor] = []
-    handle = first.register_forward_hook(lambda m, args, out: box.append(args[0].detach()))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        handle.remove()
-        for m, mode in modes:
-            m.training = mode
-    return box[0]
-
-
-def _bias_map(b: Tensor, like: Tensor) -> Tensor:
-    """A per-channel bias step as the output change it makes (channel dim 1, or last for a
-    Linear's (N, C) output)."""
-    if like.dim() == 2:
-        return b.expand_as(like)
-    return b.reshape(1, -1, *([1] * (like.dim() - 2))).expand_as(like)
-
-
-def data_amplification(model: nn.Module, pair: FactorPair, probe: Tensor,
-                       optimizer: str = "sgd", samples: int = 4, seed: int = 0,
-                       slopes: bool = False) -> float:
-    """The pair's first-step amplification on the data: the block's input ``x`` is what it
-    receives on ``probe``; for random output gradients ``delta`` the block's step on its
-    factors (weights and biases) is compared, on the output on ``x``, with the step the
-    parent's layer ``W~`` (the composite, same stride and padding as ``F1``) takes on its own
-    kernel support. SGD: ``<delta, dOut_child> / <delta, dOut_parent>``; Adam-like: the ratio
-    of ``||dOut||`` under sign steps. 1 means the parent's step size. With ``slopes`` the
-    activation's slope between the factors counts as a parameter of the block too."""
-    modules = dict(model.named_modules())
-    f1, f2 = modules[pair.first], modules[pair.second]
-    act = modules.get(f"{pair.target}.act")
-    x = _block_input(model, pair, probe).double()
-    conv = isinstance(f1, nn.Conv1d | nn.Conv2d)
-    fn = (torch.nn.functional.conv1d if isinstance(f1, nn.Conv1d) else
-          torch.nn.functional.conv2d) if conv else None
-    th = {n: t.detach().double() for n, t in (("w1", f1.weight), ("w2", f2.weight))}
-    th["b1"] = f1.bias.detach().double() if f1.bias is not None else None
-    th["b2"] = f2.bias.detach().double() if f2.bias is not None else None
-    th["a"] = act.a.detach().double() if slopes and act is not None else None
-    act64 = copy.deepcopy(act).double() if th["a"] is not None else None
-    names = [n for n in ("w1", "b1", "a", "w2", "b2") if th[n] is not None]
-
-    def block(*vals: Tensor) -> Tensor:
-        p = dict(zip(names, vals, strict=True))
-        if conv:
-            h = fn(x, p["w1"], p.get("b1"), f1.stride, f1.padding, 1, f1.groups)
-        else:
-            h = torch.nn.functional.linear(x, p["w1"], p.get("b1"))
-        if "a" in p:
-            h = torch.func.functional_call(act64, {"a": p["a"]}, (h,))
-        if conv:
-            return fn(h, p["w2"], p.get("b2"), 1, 0, 1, f2.groups)
-        return torch.nn.functional.linear(h, p["w2"], p.get("b2"))
-
-    with torch.no_grad():
-        W = composite(th["w1"], th["w2"], pair.stride, pair.groups)
-        bias = block(*[th[n] for n in names]) - (
-            fn(x, W, None, f1.stride, f1.padding, 1, f1.groups) if conv else x @ W.T)
-    mask = torch.zeros_like(W)
-    if conv and pair.kernel > 0:
-        lo = (W.shape[-1] - pair.kernel) // 2
-        mask[(slice(None), slice(None), *[slice(lo, lo + pair.kernel)] * (W.dim() - 2))] = 1
-    else:
-        mask += 1
-
-    def parent(w: Tensor) -> Tensor:
-        out = fn(x, w, None, f1.stride, f1.padding, 1, f1.groups) if conv else x @ w.T
-        return out + bias
-
-    gen = torch.Generator().manual_seed(seed)
-    ratios = []
-    for _ in range(samples):
-        with torch.no_grad():
-            out = parent(W)
-        delta = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-        vals = [th[n].clone().requires_grad_(True) for n in names]
-        grads = torch.autograd.grad((block(*vals) * delta).sum(), vals)
-        w = W.clone().requires_grad_(True)
-        gW = torch.autograd.grad((parent(w) * delta).sum(), w)[0] * mask
-        # the parent's bias (F2's bias stands for it) takes the same step as F2's
-        gb = grads[names.index("b2")] if "b2" in names else None
-        if optimizer in ADAPTIVE:
-            _, d_child = torch.func.jvp(block, tuple(th[n] for n in names),
-                                        tuple(g.sign() for g in grads))
-            _, d_par = torch.func.jvp(parent, (W,), (gW.sign(),))
-            if gb is not None:
-                d_par = d_par + _bias_map(gb.sign(), d_par)
-            ratios.append(float(d_child.norm() / d_par.norm().clamp_min(1e-300)))
-        else:
-            par = gW.pow(2).sum() + (gb.pow(2).sum() if gb is not None else 0.0)
-            ratios.append(float(sum(g.pow(2).sum() for g in grads) / par.clamp_min(1e-300)))
-    return sum(ratios) / len(ratios)
-
-
 @torch.no_grad()
 def isometric_gauge_(model: nn.Module, kappa: float = 1.0) -> None:
     """Rescale every deepen's middle channels (exactly: ``F1[m] *= d_m``, ``F2[:, m] /= d_m``)
@@ -289,11 +178,15 @@ def lr_scales(model: nn.Module, optimizer: str = "sgd", samples: int = 8,
     """``{parameter name: 1 / amplification}`` for both factors (weights and biases) of
     every deepen in the model's history (and the activation's slope between them with
     ``slopes``); with ``probe`` the amplification is measured on the data
-    (:func:`data_amplification`), else on random gradients (:func:`amplification`)."""
+    (:func:`~stablemorph.morphs.first_step.step_amplification`), else on random gradients
+    (:func:`amplification`)."""
     scales: dict[str, float] = {}
+    modules = dict(model.named_modules())
     for pair in factor_pairs(model):
         if probe is not None:
-            amp = data_amplification(model, pair, probe, optimizer, seed=seed, slopes=slopes)
+            x = block_input(model, modules[pair.first], probe)
+            amp = step_amplification(modules[pair.target], x, pair.kernel,
+                                     optimizer in ADAPTIVE, seed=seed, slopes=slopes)
         else:
             amp = amplification(model, pair, optimizer, samples, seed)
         s = 1.0 / max(amp, 1e-12)
@@ -335,77 +228,6 @@ def with_lr_scales(optimizer: torch.optim.Optimizer, model: nn.Module,
     return optimizer
 
 
-_FIRST = ("momentum_buffer", "exp_avg")
-_SQUARE = ("exp_avg_sq",)
-
-
-def _adjoint(F1: Tensor, F2: Tensor, pair: FactorPair, M: Tensor, which: int) -> Tensor:
-    """``d/dF <composite(F1, F2), M>`` for ``F = (F1, F2)[which]``: the composite's linear map
-    in that factor, transposed, applied to ``M`` (a kernel of the composite's size)."""
-    with torch.enable_grad():
-        a = F1.detach().double().requires_grad_(which == 0)
-        b = F2.detach().double().requires_grad_(which == 1)
-        W = composite(a, b, pair.stride, pair.groups)
-        return torch.autograd.grad((W * M).sum(), (a, b)[which])[0]
-
-
-@torch.no_grad()
-def carry_factor_state_(optimizer: torch.optim.Optimizer, model: nn.Module,
-                        parent_optimizer: torch.optim.Optimizer, parent: nn.Module) -> None:
-    """Give every deepen's fresh factors the optimiser state their parent layer had, mapped
-    through the factorisation, in place: a first moment (SGD momentum, Adam's ``exp_avg``)
-    ``M`` of the parent kernel becomes ``J_F^T M`` for each factor (exactly the first moment
-    the factors would hold had the parent's gradients flowed through them), Adam's second
-    moment ``V`` becomes ``(J_F o J_F)^T V`` (the diagonal approximation: products of the
-    factors' squares), the step count is the parent's. ``F2``'s bias takes the parent bias's
-    state, ``F1``'s the parent bias's mapped through ``F2``. Parameters the optimiser does
-    not hold, or whose parent layer had no state, are left alone."""
-    modules = dict(model.named_modules())
-    pparams = dict(parent.named_parameters())
-    for pair in factor_pairs(model):
-        W = pparams.get(f"{pair.target}.weight")
-        if W is None or W not in parent_optimizer.state:
-            continue
-        sW = parent_optimizer.state[W]
-        pb = pparams.get(f"{pair.target}.bias")
-        sb = parent_optimizer.state.get(pb, {}) if pb is not None else {}
-        f1, f2 = modules[pair.first], modules[pair.second]
-        F1, F2 = f1.weight.detach().double(), f2.weight.detach().double()
-        kc = (F1.shape[-1] + pair.stride * (F2.shape[-1] - 1)) if F1.dim() > 2 else 1
-        b1 = f1.bias.detach().double() if f1.bias is not None else None
-        for key, value in sW.items():
-            if key in _FIRST or key in _SQUARE:
-                sq = key in _SQUARE
-                M = pad_kernel(value.detach().double(), kc) if F1.dim() > 2 else value.double()
-                m1 = _adjoint(F1, F2.square() if sq else F2, pair, M, 0)
-                m2 = _adjoint(F1.square() if sq else F1, F2, pair, M, 1)
-                mb = sb.get(key)
-                if mb is not None and b1 is not None:
-                    # F2 also sees the constant map b1: its gradient gets delta (x) b1 per tap
-                    extra = (mb.double()[:, None] * (b1.square() if sq else b1)[None, :])
-                    o_g = F2.shape[0] // pair.groups
-                    extra = extra.reshape(pair.groups, o_g, pair.groups, -1).diagonal(
-                        dim1=0, dim2=2).permute(2, 0, 1).reshape(F2.shape[0], -1)
-                    m2 = m2 + extra.reshape(*extra.shape, *([1] * (F2.dim() - 2)))
-                new = {f1.weight: m1, f2.weight: m2}
-                if mb is not None:
-                    if f2.bias is not None:
-                        new[f2.bias] = mb.double()
-                    if f1.bias is not None:
-                        s2 = (F2.square() if sq else F2).reshape(F2.shape[0], F2.shape[1], -1)
-                        s2 = s2.sum(-1)  # (C_out, C_mid/g): each tap sees the constant
-                        o_g = F2.shape[0] // pair.groups
-                        mbg = mb.double().reshape(pair.groups, o_g)
-                        new[f1.bias] = torch.einsum(
-                            "gom,go->gm", s2.reshape(pair.groups, o_g, -1), mbg).reshape(-1)
-                for p, v in new.items():
-                    if any(p is q for g in optimizer.param_groups for q in g["params"]):
-                        optimizer.state[p][key] = v.to(p.dtype)
-        for p in (f1.weight, f2.weight, f1.bias, f2.bias):
-            if p is not None and "step" in sW and p in optimizer.state:
-                optimizer.state[p]["step"] = sW["step"].clone()
-
-
 @torch.no_grad()
 def shrink_first_bias_(model: nn.Module, factor: float) -> None:
     """Scale every deepen's first-factor bias ``b1`` by ``factor`` and move the difference into
@@ -424,58 +246,6 @@ def shrink_first_bias_(model: nn.Module, factor: float) -> None:
         resp = torch.einsum("gom,gm->go", s2, moved.reshape(g, m_g)).reshape(-1)
         f2.bias.add_(resp.to(f2.bias.dtype))
         f1.bias.mul_(factor)
-
-
-@torch.no_grad()
-def orthogonal_second_(model: nn.Module, seed: int = 0) -> None:
-    """Re-factor every deepen whose second factor is pointwise (Linear, or a 1x1 conv; groups
-    1) exactly as ``F2 = c Q`` (``Q`` a dense random matrix with orthonormal columns, ``c`` the
-    He scale of ``F2``'s shape) and ``F1 = F2^+ W + (I - F2^+ F2) R`` (``W`` the block's
-    composite kernel, ``R`` the old ``F1``: its component in ``F2``'s null space keeps ``F1``
-    dense when ``C_mid > C_out``). The first factor's bias keeps its values; the second's is
-    recomputed so the block's bias is unchanged."""
-    modules = dict(model.named_modules())
-    gen = torch.Generator().manual_seed(seed)
-    for pair in factor_pairs(model):
-        f1, f2 = modules[pair.first], modules[pair.second]
-        if pair.groups != 1 or (f2.weight.dim() > 2 and f2.weight[0, 0].numel() != 1):
-            continue
-        w1, w2 = f1.weight.detach().double(), f2.weight.detach().double()
-        c_out, m = w2.shape[0], w2.shape[1]
-        A1 = w1.reshape(m, -1)
-        A2 = w2.reshape(c_out, m)
-        Wc = A2 @ A1
-        bias = None
-        if f2.bias is not None:
-            b1 = f1.bias.detach().double() if f1.bias is not None else torch.zeros(m).double()
-            bias = f2.bias.detach().double() + A2 @ b1
-        q, r = torch.linalg.qr(torch.randn(m, c_out, generator=gen, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(r))
-        Q = q.T * 2.0**0.5  # (C_out, m): orthonormal rows, He-scaled entries (std (2/m)^0.5)
-        pinv = torch.linalg.pinv(Q)
-        F1 = pinv @ Wc + (torch.eye(m, dtype=torch.float64) - pinv @ Q) @ A1
-        f1.weight.copy_(F1.reshape(w1.shape).to(f1.weight.dtype))
-        f2.weight.copy_(Q.reshape(w2.shape).to(f2.weight.dtype))
-        if bias is not None:
-            f2.bias.copy_((bias - Q @ b1).to(f2.bias.dtype))
-
-
-def adam_step_ratio(optimizer: torch.optim.Optimizer, parent: nn.Module,
-                    target: str) -> float | None:
-    """The typical size of the parent layer's own Adam step, per entry and in units of the
-    learning rate: ``mean |m_hat| / (sqrt(v_hat) + eps)`` of ``target.weight`` (``None``
-    without Adam state). A fresh parameter's first Adam step is ``lr sign(g)`` (ratio 1), a
-    trained one's is this much."""
-    W = dict(parent.named_parameters()).get(f"{target}.weight")
-    state = optimizer.state.get(W, {}) if W is not None else {}
-    if "exp_avg" not in state or "exp_avg_sq" not in state:
-        return None
-    group = next(g for g in optimizer.param_groups if any(p is W for p in g["params"]))
-    b1, b2 = group["betas"]
-    t = float(state["step"])
-    m = state["exp_avg"] / (1 - b1**t)
-    v = state["exp_avg_sq"] / (1 - b2**t)
-    return float((m.abs() / (v.sqrt() + group["eps"])).mean())
 
 
 @torch.no_grad()

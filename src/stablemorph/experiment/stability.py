@@ -28,12 +28,9 @@ from stablemorph.equation import sparsity
 from stablemorph.experiment.data import Dataset, load_dataset
 from stablemorph.experiment.growth import GrowthError, morph_steps
 from stablemorph.experiment.rules import (
-    adam_step_ratio,
-    carry_factor_state_,
     factor_pairs,
     isometric_gauge_,
     lr_scales,
-    orthogonal_second_,
     regauge_,
     scale_new_fan_out_,
     shrink_first_bias_,
@@ -48,34 +45,41 @@ from stablemorph.experiment.train import (
     train,
 )
 from stablemorph.morphs import MorphError
-from stablemorph.optim import transfer_optimizer
+from stablemorph.optim import RULE, TransferRule, group_sources, transfer_optimizer
 from stablemorph.record import history
+from stablemorph.step_rule import adaptive_step_ratio
 from stablemorph.zoo import build_model
 
 SCHEMES = ("stable", "netmorph", "net2net")
 BASELINES = ("parent", "scratch")
 REGIMES = ("same", "raised", "warmup")
-# Options an arm may add to its scheme, "scheme+option+..." (experiment/rules.py; each is a
-# hypothesis of the stability research, recorded with its numbers in
-# benchmarks/results/stability_matrix.md). For every deepen / subnet factor pair:
-#   raw     the stable scheme without its default rule (STABLE_RULE)
+# Options an arm may add to its scheme, "scheme+option+..." (each is a hypothesis of the
+# stability research, recorded with its numbers in benchmarks/results/stability_research.md).
+# For every deepen / subnet factor pair; the first four are the library's step rule
+# (stablemorph.step_rule: the morph's step_rule option, then transfer_optimizer's TransferRule):
+#   orth2   pointwise pairs re-factored with an orthogonal second factor (stable's solve)
 #   dlr     learning-rate multiplier 1 / first-step amplification measured on the probe
-#   lr      the same multiplier measured on random kernel gradients
-#   slope   the multiplier applied to the activation's slope too
+#   state   the parent layer's optimiser state mapped onto the factors
+#   adamr   under Adam, the multiplier also times the parent layer's own typical step
+#           (mean |m_hat| / sqrt(v_hat)): fresh factors step by lr sign(g) at first
+# and, applied after the morph (experiment/rules.py):
+#   raw     the stable scheme without its default rule (STABLE_RULE): the published solve
+#   lr      the multiplier measured on random kernel gradients (instead of dlr's)
+#   slope   dlr's multiplier measured and applied with the activation's slope too
 #   freeze  the activation's slope frozen (multiplier 0)
 #   gauge   middle channels rebalanced to the smallest random-gradient amplification
 #   iso1, iso3  middle channels rebalanced so F2's columns have 1x / 3x the He norm
-#   orth2   pointwise pairs re-factored with an orthogonal second factor
-#   state   the parent layer's optimiser state mapped onto the factors
 #   b1s     the first factor's bias shrunk 100x (moved into the second's)
 #   zout    (widen) the fresh units' outgoing weights scaled by 0.1 (the pairs still cancel)
-#   adamr   under Adam, the multiplier also times the parent layer's own typical step
-#           (mean |m_hat| / sqrt(v_hat)): fresh factors step by lr sign(g) at first
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
                "orth2", "adamr", "zout")
-# The default rule of the stable scheme (the research of issue 9, benchmarks/results/
-# stability_matrix.md): what "stable" means in an experiment unless "+raw" is given.
+LIBRARY_OPTIONS = ("orth2", "dlr", "state", "adamr")
+REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
+# The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
+# means in an experiment unless "+raw" is given.
 STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr")
+# the morphs that take the step rule (factor pairs)
+RULE_MORPHS = ("deepen", "insert_subnet")
 
 
 def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
@@ -88,6 +92,45 @@ def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
             f"options {ARM_OPTIONS}"
         )
     return scheme, tuple(options)
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    """How an arm grows its child: ``scheme``, all its ``options`` (the stable rule's
+    included), the morphs' ``step_rule`` and ``transfer_optimizer``'s ``rule``."""
+
+    scheme: str
+    options: tuple[str, ...]
+    step_rule: bool
+    rule: TransferRule
+
+
+def plan_arm(name: str, stable_rule: tuple[str, ...] | list[str] = STABLE_RULE) -> ArmPlan:
+    """The plan of arm ``name`` (``stable`` arms get ``stable_rule`` unless ``+raw``).
+    ExperimentError for an unknown arm or options the library path cannot express: the
+    step rule's options without ``orth2`` on ``stable`` (its morphs record the rule only with
+    their gauge), ``orth2`` on a baseline, re-gauging options after the step rule (they
+    would invalidate the recorded multipliers and state)."""
+    scheme, options = parse_arm(name)
+    if scheme == "stable" and "raw" not in options:
+        options = tuple(dict.fromkeys((*stable_rule, *options)))
+    library = set(options) & {"dlr", "state", "adamr"}
+    if scheme == "stable":
+        step_rule = "orth2" in options
+        if library and not step_rule:
+            raise ExperimentError(f"arm {name!r}: {sorted(library)} need the stable step "
+                                  f"rule's gauge (orth2): drop +raw or add +orth2")
+    else:
+        if "orth2" in options:
+            raise ExperimentError(f"arm {name!r}: orth2 is the stable scheme's gauge")
+        step_rule = bool(library)
+    if step_rule and set(options) & set(REGAUGE_OPTIONS):
+        raise ExperimentError(f"arm {name!r}: {sorted(set(options) & set(REGAUGE_OPTIONS))} "
+                              f"re-gauge after the morph: combine them with +raw only")
+    rule = TransferRule(RULE.scaled, RULE.fresh_state,
+                        lr_advice="dlr" in options and "slope" not in options,
+                        adaptive_ratio="adamr" in options, factor_state="state" in options)
+    return ArmPlan(scheme, tuple(options), step_rule, rule)
 
 
 class ExperimentError(RuntimeError):
@@ -300,19 +343,24 @@ def grow(
     """Apply the configured morph to every target with ``scheme``, carrying the optimiser
     state across each step the same way for every scheme; returns the child, its optimiser
     and the exact-zero fraction of the new and changed parameters."""
-    scheme, options = parse_arm(scheme)
-    if scheme == "stable" and "raw" not in options:
-        options = (*cfg.stable_rule, *options)
+    plan = plan_arm(scheme, cfg.stable_rule)
+    options = plan.options
+    kwargs = dict(cfg.morph_kwargs)
+    if cfg.morph in RULE_MORPHS:
+        kwargs["step_rule"] = plan.step_rule
     child, opt = parent, optimizer
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
     targets = cfg.targets or default_targets(parent)
-    for j, step in enumerate(morph_steps(cfg.morph, parent, targets, cfg.morph_kwargs)):
-        nxt = step.run(child, scheme, seed * 1000 + j, probe)
-        opt = transfer_optimizer(opt, child, nxt)
+    for j, step in enumerate(morph_steps(cfg.morph, parent, targets, kwargs)):
+        nxt = step.run(child, plan.scheme, seed * 1000 + j, probe)
+        opt = transfer_optimizer(opt, child, nxt, rule=plan.rule)
+        scales = [scales[gi] * s for gi, s in group_sources(opt)]
         child = nxt
+    # the training loop sets each group's rate from its multiplier (experiment/train.py)
+    for group, s in zip(opt.param_groups, scales, strict=True):
+        group["lr_scale"] = s
     if "zout" in options:
         scale_new_fan_out_(child, 0.1)
-    if "orth2" in options:
-        orthogonal_second_(child, seed)
     if "b1s" in options:
         shrink_first_bias_(child, 0.01)
     if "gauge" in options:
@@ -320,25 +368,20 @@ def grow(
     for kappa in (1, 3):
         if f"iso{kappa}" in options:
             isometric_gauge_(child, float(kappa))
-    if "lr" in options or "dlr" in options:
-        scales = lr_scales(child, cfg.optimizer, slopes="slope" in options,
-                           probe=probe if "dlr" in options else None)
+    if ("lr" in options or "dlr" in options) and not plan.rule.lr_advice:
+        scales_ = lr_scales(child, cfg.optimizer, slopes="slope" in options,
+                            probe=probe if "dlr" in options else None)
         if "adamr" in options:
+            pparams = dict(parent.named_parameters())
             for pair in factor_pairs(child):
-                r = adam_step_ratio(optimizer, parent, pair.parent_layer)
-                for n in scales:
+                w = pparams.get(f"{pair.parent_layer}.weight")
+                r = adaptive_step_ratio(optimizer, w) if w is not None else None
+                for n in scales_:
                     if r is not None and n.startswith(f"{pair.target}."):
-                        scales[n] *= r
-        with_lr_scales(opt, child, scales)
-    if "state" in options:
-        carry_factor_state_(opt, child, optimizer, parent)
+                        scales_[n] *= r
+        with_lr_scales(opt, child, scales_)
     if "freeze" in options:
         with_lr_scales(opt, child, {f"{p.target}.act.a": 0.0 for p in factor_pairs(child)})
-    # groups that transfer_optimizer scaled (ParamOrigin.lr_scale) keep their multiplier when
-    # the training loop sets the rate (the experiment's parent has one rate in every group)
-    reference = optimizer.param_groups[0]["lr"]
-    for group in opt.param_groups:
-        group.setdefault("lr_scale", group["lr"] / reference)
     params = dict(child.named_parameters())
     tensors = [params[n] for n in new_parameters(child)]
     return child, opt, sparsity(*tensors)[0] if tensors else 0.0
@@ -387,10 +430,10 @@ def check_config(cfg: ExperimentConfig) -> None:
     need(bool(cfg.regimes) and all(r in REGIMES for r in cfg.regimes),
          f"--lr-after takes {REGIMES}, got {cfg.regimes}")
     need(bool(cfg.schemes), "--schemes: give at least one scheme")
-    for arm in cfg.schemes:
-        parse_arm(arm)
     need(all(o in ARM_OPTIONS for o in cfg.stable_rule),
          f"stable_rule takes options of {ARM_OPTIONS}, got {cfg.stable_rule}")
+    for arm in cfg.schemes:
+        plan_arm(arm, cfg.stable_rule)
     need(all(b in BASELINES for b in cfg.baselines),
          f"--baselines takes {BASELINES}, got {cfg.baselines}")
     need(len(set(cfg.schemes + cfg.baselines)) == len(cfg.schemes) + len(cfg.baselines),

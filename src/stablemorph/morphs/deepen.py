@@ -5,6 +5,13 @@ schemes can be compared on identical networks; the schemes fill in the values:
 ``"stable"`` a dense decomposition, ``"netmorph"`` NetMorph's practical algorithm (shrink,
 solve, zero-pad), ``"net2net"`` ``F1 = G`` and ``F2`` the centred identity.
 
+The step rule (``step_rule``, on by default for ``"stable"`` only; :mod:`stablemorph.schemes`):
+a pointwise pair gets an orthogonal second factor (stable only), and the factors' origins
+record the learning-rate multipliers measured on the probe batch
+(:func:`~stablemorph.morphs.first_step.advise`), the parent layer whose typical adaptive
+step scales them, and the factorisation that maps the layer's optimiser state onto them:
+:func:`stablemorph.optim.transfer_optimizer` applies all three.
+
 The replaced layer ``name`` becomes ``nn.Sequential`` with children ``first`` (``F1``,
 carrying the stride), ``act`` (:class:`~stablemorph.activations.PAct`, per channel) and
 ``second`` (``F2``); a BatchNorm after the layer stays after ``F2`` (DESIGN.md section 1,
@@ -14,6 +21,7 @@ carrying the stride), ``act`` (:class:`~stablemorph.activations.PAct`, per chann
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -35,19 +43,51 @@ from stablemorph.morphs.factor import (
     default_width,
     resolve_kernels,
 )
+from stablemorph.morphs.first_step import advise
 from stablemorph.record import ParamOrigin
+from stablemorph.schemes import get_scheme
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def factor_origins(prefix: str, factors: Factors, parent_bias: str | None) -> dict[str,
-                                                                                   ParamOrigin]:
+def factor_origins(prefix: str, factors: Factors, parent_bias: str | None,
+                   rule: dict[str, Any] | None = None) -> dict[str, ParamOrigin]:
     """Origins of the block's parameters under ``prefix``: all fresh, except ``F2``'s bias
-    where it is the parent's bias ``parent_bias`` unchanged."""
+    where it is the parent's bias ``parent_bias`` unchanged. ``rule``: the step-rule fields
+    (:func:`step_rule_fields`) given to the two factors' weights and biases."""
     origins = {f"{prefix}.{n}": ParamOrigin(None) for n, _ in factors.block.named_parameters()}
     if parent_bias is not None and factors.bias_kept:
         origins[f"{prefix}.second.bias"] = ParamOrigin(parent_bias)
+    for name, origin in origins.items():
+        if rule and (".first." in name or ".second." in name):
+            for key, value in rule.items():
+                setattr(origin, key, dict(value) if isinstance(value, dict) else value)
     return origins
+
+
+def step_rule_fields(child: nn.Module, prefix: str, probe: Any, kernel: int,
+                     layer: str | None, parent_params: set[str]) -> dict[str, Any]:
+    """The step-rule fields of ``ParamOrigin`` for the block ``prefix`` of ``child``: the
+    multipliers measured on ``probe`` (``kernel``: the parent's kernel size, 0 or -1 for the
+    whole composite), the parent layer ``layer`` whose weight calibrates adaptive steps and
+    whose state maps onto the factors (``None``: no such layer). Empty where the probe does
+    not reach the block."""
+    block = child.get_submodule(prefix)
+    reference = f"{layer}.weight" if layer is not None else None
+    advice = advise(child, prefix, probe, kernel)
+    if advice is None:
+        return {}
+    fields: dict[str, Any] = {
+        "lr_advice": advice,
+        "lr_reference": reference if reference in parent_params else None,
+    }
+    if fields["lr_reference"] is not None:
+        first = block.first
+        fields["factor"] = {"layer": layer, "first": f"{prefix}.first",
+                            "second": f"{prefix}.second",
+                            "stride": int(getattr(first, "stride", (1,))[0]),
+                            "groups": int(getattr(first, "groups", 1))}
+    return fields
 
 
 def deepen(
@@ -64,6 +104,7 @@ def deepen(
     inputs: Tensor | Sequence[Tensor] | None = None,
     input_shape: Sequence[int] | None = None,
     tol: float | None = None,
+    step_rule: bool | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with layer ``target`` replaced by two layers and a parametric
     activation between them (at ``a = 1``: the identity), computing the same function.
@@ -86,6 +127,10 @@ def deepen(
         seed: seeds the decomposition and the random biases.
         inputs / input_shape: the probe batch (see :mod:`.contract`).
         tol: largest accepted ``max_rel`` (default by dtype; float32: 1e-5).
+        step_rule: the step rule (module docstring; default: the scheme's, on for
+            ``"stable"``). ``True`` on a baseline records the multipliers and the state
+            mapping for its published factors; ``False`` on ``"stable"`` gives the published
+            stable solve with nothing recorded.
 
     Raises:
         MorphError: unknown or unsupported layer, options that cannot compose the parent's
@@ -106,17 +151,21 @@ def deepen(
                          f"groups={geom.groups}, got {width}")
     if scheme == "stable":
         check_feasible(geom, width, k1, k2, target, "deepen")
+    rule = get_scheme(scheme).step_rule if step_rule is None else bool(step_rule)
 
     def surgery(child: nn.Module, probe: tuple[Tensor, ...]) -> Surgery:
         old = child.get_submodule(target)
+        parent_params = {n for n, _ in child.named_parameters()}
         factors = build_factors(geom, old.weight, old.bias, scheme=scheme, width=width,
                                 kernels=(k1, k2), activation=activation, seed=seed,
-                                variant=variant)
+                                variant=variant, orthogonal=rule and scheme == "stable")
         set_module(child, target, adopt(factors.block, old))
         bias = f"{target}.bias" if old.bias is not None else None
-        return Surgery(factor_origins(target, factors, bias),
+        fields = step_rule_fields(child, target, probe, geom.kernel if geom.nd else 0, target,
+                                  parent_params) if rule else None
+        return Surgery(factor_origins(target, factors, bias, fields),
                        residual=factors.report.residual_cast, notes=factors.notes)
 
     kwargs = {"scheme": scheme, "kernel_size": k2, "first_kernel_size": k1, "width": width,
-              "activation": activation, "variant": variant, "seed": seed}
+              "activation": activation, "variant": variant, "seed": seed, "step_rule": rule}
     return run_morph("deepen", model, target, scheme, kwargs, surgery, inputs, input_shape, tol)

@@ -7,6 +7,11 @@ and padding 0. Then ``F2(F1(x))`` equals the parent conv on the whole output, bo
 included. Biases: with scheme ``"stable"`` ``F1`` gets a dense random bias ``b1`` and ``F2``
 the parent's bias minus ``F2``'s response to the constant ``b1`` (exact because ``F2`` never
 pads), so no new parameter is zero; the other schemes use ``b1 = 0`` and ``b2 = b``.
+
+The stable step rule's gauge (:func:`orthogonalise_`): a pointwise pair is re-factored
+exactly with a dense random orthogonal (He-scaled) second factor. The published solve leaves
+the parent's spectrum in ``F2``, whose anisotropy amplifies the first optimiser steps
+(``benchmarks/results/stability_research.md``).
 """
 
 from __future__ import annotations
@@ -176,9 +181,12 @@ def build_factors(
     activation: str,
     seed: int,
     variant: str | None = None,
+    orthogonal: bool = False,
 ) -> Factors:
     """``Sequential(first=F1, act=PAct(activation, a=1), second=F2)`` computing the layer
-    ``(G, bias)`` of geometry ``geom`` exactly (module docstring), in ``G``'s dtype/device.
+    ``(G, bias)`` of geometry ``geom`` exactly (module docstring), in ``G``'s dtype/device;
+    with ``orthogonal`` a pointwise pair is re-factored by :func:`orthogonalise_` (seed
+    ``seed + 2``).
 
     Raises:
         DecompositionError: the solver missed its tolerance (the message has the numbers).
@@ -208,4 +216,46 @@ def build_factors(
             else:
                 first.bias.zero_()
                 second.bias.copy_(bias)
+    if orthogonal:
+        orthogonalise_(first, second, generator(seed + 2))
     return Factors(block, rep, width, (k1, k2), bias_kept)
+
+
+def is_pointwise(second: nn.Module) -> bool:
+    """A second factor :func:`orthogonalise_` re-factors: Linear or a 1x1 conv, groups 1,
+    at least as many inputs as outputs."""
+    w = second.weight
+    return (getattr(second, "groups", 1) == 1 and (w.dim() == 2 or w[0, 0].numel() == 1)
+            and w.shape[1] >= w.shape[0])
+
+
+@torch.no_grad()
+def orthogonalise_(first: nn.Module, second: nn.Module, gen: torch.Generator) -> None:
+    """Re-factor the pair ``second o act o first`` (``act`` the identity at ``a = 1``) in
+    place, exactly, when ``second`` is pointwise (:func:`is_pointwise`; else nothing): ``F2 =
+    c Q`` (``Q`` a dense random matrix with orthonormal rows drawn from ``gen``, ``c = 2^0.5``:
+    He-scaled entries, std ``(2 / C_mid)^0.5``) and ``F1 = F2^+ W + (I - F2^+ F2) R`` (``W``
+    the pair's composite kernel, ``R`` the old ``F1``: its component in ``F2``'s null space
+    keeps ``F1`` dense when ``C_mid > C_out``). ``F1``'s bias keeps its values; ``F2``'s is
+    recomputed so the pair's bias is unchanged. Computed in float64."""
+    if not is_pointwise(second):
+        return
+    w1, w2 = first.weight.detach().double(), second.weight.detach().double()
+    c_out, m = w2.shape[0], w2.shape[1]
+    A1 = w1.reshape(m, -1)
+    A2 = w2.reshape(c_out, m)
+    Wc = A2 @ A1
+    bias = b1 = None
+    if second.bias is not None:
+        b1 = (first.bias.detach().double() if first.bias is not None
+              else torch.zeros(m, dtype=torch.float64, device=w1.device))
+        bias = second.bias.detach().double() + A2 @ b1
+    q, r = torch.linalg.qr(torch.randn(m, c_out, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    Q = q.T.to(w1.device) * 2.0**0.5  # (C_out, m)
+    pinv = torch.linalg.pinv(Q)
+    F1 = pinv @ Wc + (torch.eye(m, dtype=torch.float64, device=w1.device) - pinv @ Q) @ A1
+    first.weight.copy_(F1.reshape(w1.shape).to(first.weight.dtype))
+    second.weight.copy_(Q.reshape(w2.shape).to(second.weight.dtype))
+    if bias is not None:
+        second.bias.copy_((bias - Q @ b1).to(second.bias.dtype))

@@ -21,6 +21,12 @@ The target can be:
 
 The branch composes exactly to ``(1 - share)`` times the identity (or the layer), by the
 chosen scheme's decomposition, so the function is unchanged in eval and train mode.
+
+The step rule (``step_rule``, as for :func:`~stablemorph.morphs.deepen.deepen`): the branch's
+factors get an orthogonal pointwise second factor (stable only) and the learning-rate
+multipliers measured on the probe batch, against the branch's whole composite; under an
+adaptive optimiser they also scale by the split layer's typical step (a layer target). The
+branch stands for no parent layer's kernel, so its factors keep the fresh-parameter state.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from stablemorph.morphs.contract import (
     get_layer,
     run_morph,
 )
-from stablemorph.morphs.deepen import factor_origins
+from stablemorph.morphs.deepen import factor_origins, step_rule_fields
 from stablemorph.morphs.factor import (
     Factors,
     Geometry,
@@ -167,6 +173,7 @@ def insert_subnet(
     inputs: Tensor | Sequence[Tensor] | None = None,
     input_shape: Sequence[int] | None = None,
     tol: float | None = None,
+    step_rule: bool | None = None,
 ) -> nn.Module:
     """A copy of ``model`` in which the shortcut or layer ``target`` gets a parallel branch
     ``F1 -> PAct -> F2`` carrying ``1 - share`` of it (module docstring).
@@ -179,7 +186,7 @@ def insert_subnet(
             mirror); ``K1 + stride (K2 - 1) - K`` even and >= 0.
         width: the branch's middle width (default :func:`~.factor.default_width`).
         share: the part ``0 < share < 1`` the shortcut keeps.
-        activation, scheme, seed, inputs, input_shape, tol: as for ``deepen``.
+        activation, scheme, seed, inputs, input_shape, tol, step_rule: as for ``deepen``.
 
     Raises:
         MorphError: no identity shortcut or unsupported target, bad options, a ``"stable"``
@@ -199,8 +206,10 @@ def insert_subnet(
                          f"'.shortcut' or a layer of its branch")
     else:
         geom = None  # an identity: its channels are known once the probe has run
+    rule = get_scheme(scheme).step_rule if step_rule is None else bool(step_rule)
     kwargs: dict[str, object] = {"scheme": scheme, "kernel_sizes": [k1, k2], "width": width,
-                                 "share": float(share), "activation": activation, "seed": seed}
+                                 "share": float(share), "activation": activation, "seed": seed,
+                                 "step_rule": rule}
 
     def plan(g: Geometry) -> tuple[int, int, int]:
         """Kernels and width for geometry ``g``, recorded in ``kwargs``; refuses an infeasible
@@ -218,6 +227,7 @@ def insert_subnet(
 
     def surgery(child: nn.Module, probe: tuple[Tensor, ...]) -> Surgery:
         old = child.get_submodule(target)
+        parent_params = {n for n, _ in child.named_parameters()}
         shortcut = None
         if not isinstance(old, _LAYERS) and not _is_identity(old):
             shortcut = _find_shortcut(old, target)  # refuse before any work
@@ -232,12 +242,22 @@ def insert_subnet(
             G, bias = _identity_kernel(g, 1 - share, like), None
         kk1, kk2, w = plan(g)
         factors: Factors = build_factors(g, G, bias, scheme=scheme, width=w,
-                                         kernels=(kk1, kk2), activation=activation, seed=seed)
+                                         kernels=(kk1, kk2), activation=activation, seed=seed,
+                                         orthogonal=rule and scheme == "stable")
         notes = list(factors.notes)
+
+        def fields(prefix: str) -> dict[str, object] | None:
+            if not rule:
+                return None
+            found = step_rule_fields(child, prefix, probe, -1, target, parent_params)
+            found.pop("factor", None)  # the branch stands for no parent kernel
+            return found
+
         if isinstance(old, _LAYERS):
             adopt(factors.block, old)
             set_module(child, target, ResidualBranch(factors.block, share, shortcut=old))
-            origins = factor_origins(f"{target}.branch", factors, None)
+            origins = factor_origins(f"{target}.branch", factors, None,
+                                     fields(f"{target}.branch"))
             named = dict(child.named_parameters())  # a tied weight is listed once, elsewhere
             for n, _ in old.named_parameters():
                 if f"{target}.shortcut.{n}" in named:
@@ -255,7 +275,7 @@ def insert_subnet(
             set_module(child, target, rebuilt)
             prefix = f"{target}.{name}.branch"
         notes.insert(0, f"identity shortcut of {target!r} split into {share} * x + a branch")
-        return Surgery(factor_origins(prefix, factors, None),
+        return Surgery(factor_origins(prefix, factors, None, fields(prefix)),
                        residual=factors.report.residual_cast, notes=notes)
 
     return run_morph("insert_subnet", model, target, scheme, kwargs, surgery, inputs,
