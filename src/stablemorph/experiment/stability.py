@@ -73,7 +73,7 @@ REGIMES = ("same", "raised", "warmup")
 #   zout    (widen) the fresh units' outgoing weights scaled by 0.1 (the pairs still cancel)
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
                "orth2", "adamr", "zout")
-LIBRARY_OPTIONS = ("orth2", "dlr", "state", "adamr")
+TRANSFER_OPTIONS = ("dlr", "state", "adamr")  # transfer_optimizer applies them (TransferRule)
 REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
 # The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
 # means in an experiment unless "+raw" is given.
@@ -114,7 +114,7 @@ def plan_arm(name: str, stable_rule: tuple[str, ...] | list[str] = STABLE_RULE) 
     scheme, options = parse_arm(name)
     if scheme == "stable" and "raw" not in options:
         options = tuple(dict.fromkeys((*stable_rule, *options)))
-    library = set(options) & {"dlr", "state", "adamr"}
+    library = set(options) & set(TRANSFER_OPTIONS)
     if scheme == "stable":
         step_rule = "orth2" in options
         if library and not step_rule:
@@ -340,9 +340,12 @@ def grow(
     seed: int,
     probe: torch.Tensor,
 ) -> tuple[nn.Module, torch.optim.Optimizer, float]:
-    """Apply the configured morph to every target with ``scheme``, carrying the optimiser
-    state across each step the same way for every scheme; returns the child, its optimiser
-    and the exact-zero fraction of the new and changed parameters."""
+    """Apply the configured morph to every target with the arm ``scheme`` (:func:`plan_arm`:
+    the library's step rule through the morphs' ``step_rule`` and ``transfer_optimizer``'s
+    rule, then the research options of experiment/rules.py), carrying the optimiser state
+    across each step; every group gets its ``lr_scale`` (read by the training loop). Returns
+    the child, its optimiser and the exact-zero fraction of the new and changed
+    parameters."""
     plan = plan_arm(scheme, cfg.stable_rule)
     options = plan.options
     kwargs = dict(cfg.morph_kwargs)
