@@ -13,9 +13,15 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 
 from stablemorph.checkpoint import load, save
-from stablemorph.morphs import deepen, insert_subnet
+from stablemorph.morphs import deepen, insert_subnet, widen
 from stablemorph.morphs.first_step import block_input, step_amplification
-from stablemorph.optim import group_sources, transfer_optimizer, transfer_scheduler
+from stablemorph.optim import (
+    RULE,
+    TransferRule,
+    group_sources,
+    transfer_optimizer,
+    transfer_scheduler,
+)
 from stablemorph.record import last_report
 from stablemorph.step_rule import adaptive_step_ratio, is_adaptive
 from stablemorph.zoo import build_model
@@ -226,3 +232,24 @@ def test_the_record_survives_a_checkpoint(tmp_path) -> None:
     after = last_report(loaded).param_map["fc1.first.weight"]
     assert (after.lr_advice, after.lr_reference, after.factor) == (
         before.lr_advice, before.lr_reference, before.factor)
+
+
+def test_adaptive_new_research_option_damps_new_units_and_fresh_parameters() -> None:
+    """TransferRule.adaptive_new (off by default): new units' second moments / r^2, fresh
+    parameters without recorded multipliers lr x r (r: the stand-in's typical Adam step)."""
+    model, x, y = parent("mlp")
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    trained(model, opt, x, y, steps=4)
+    rule = TransferRule(RULE.scaled, RULE.fresh_state, adaptive_new=True)
+    wide = widen(model, "fc1", 14, inputs=x)
+    plain, damped = transfer_optimizer(opt, model, wide), transfer_optimizer(opt, model, wide,
+                                                                              rule=rule)
+    r = adaptive_step_ratio(opt, model.fc2.weight)
+    v0, v1 = (o.state[wide.fc2.weight]["exp_avg_sq"] for o in (plain, damped))
+    torch.testing.assert_close(v1[:, :10], v0[:, :10], rtol=0, atol=0)  # the parent's units
+    torch.testing.assert_close(v1[:, 10:], v0[:, 10:] / r**2)
+    deep = deepen(model, "fc1", inputs=x)
+    slope = transfer_optimizer(opt, model, deep, rule=rule)
+    stand_in = adaptive_step_ratio(opt, model.fc1.bias)  # the slope's nearest parameter
+    assert group_lr(slope, deep.fc1.act.a) == pytest.approx(0.01 * stand_in)
+    assert group_lr(transfer_optimizer(opt, model, deep), deep.fc1.act.a) == 0.01

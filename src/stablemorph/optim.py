@@ -124,7 +124,11 @@ class TransferRule:
     What the step rule recorded (module docstring), applied by default: ``lr_advice`` the
     recorded learning-rate multipliers, ``adaptive_ratio`` (with ``lr_advice``) their
     scaling by the parent's typical adaptive step, ``factor_state`` the parent layer's state
-    mapped onto recorded factor pairs.
+    mapped onto recorded factor pairs. ``adaptive_new`` (a research hypothesis, off): under
+    an adaptive optimiser every fresh parameter without recorded multipliers takes its
+    stand-in's typical step ratio ``r`` (:func:`~stablemorph.step_rule.adaptive_step_ratio`)
+    as a multiplier, and the new units of an indexed parameter have their second moments
+    divided by ``r ** 2`` (their steps times ``r`` while the borrowed moment dominates).
     """
 
     scaled: frozenset[str]
@@ -132,6 +136,7 @@ class TransferRule:
     lr_advice: bool = True
     adaptive_ratio: bool = True
     factor_state: bool = True
+    adaptive_new: bool = False
 
     def __post_init__(self) -> None:
         if self.fresh_state not in ("none", "borrow"):
@@ -214,7 +219,10 @@ def transfer_optimizer(
                 name, p, parent_params)
             if stand_in is None:
                 members.append((0, lr_scale, name, p))
-            elif stand_in in group_of:
+                continue
+            ratio = _new_ratio(optimizer, parent_params[stand_in], rule)
+            lr_scale *= 1.0 if origin.lr_advice is not None or ratio is None else ratio
+            if stand_in in group_of:
                 members.append((group_of[stand_in], lr_scale, name, p))
                 old_state = optimizer.state.get(parent_params[stand_in])
                 if rule.fresh_state == "borrow" and old_state:
@@ -236,6 +244,9 @@ def transfer_optimizer(
         if old_state:
             states[p] = _map_state(old_state, origin, parent_params[source], name, kind,
                                    rule.scaled)
+            ratio = _new_ratio(optimizer, parent_params[source], rule)
+            if ratio is not None and origin.index is not None:
+                _damp_new_units(states[p], origin, ratio)
     if rule.factor_state:
         held = {id(p) for _, _, _, p in members}
         for p, mapped in _factor_states(optimizer, parent_params, child, param_map).items():
@@ -363,6 +374,26 @@ def _advised(origin: ParamOrigin, optimizer: torch.optim.Optimizer,
     ratio = (adaptive_step_ratio(optimizer, reference)
              if reference is not None and rule.adaptive_ratio else None)
     return scale if ratio is None else scale * ratio
+
+
+def _new_ratio(optimizer: torch.optim.Optimizer, stand_in: Tensor, rule: TransferRule
+               ) -> float | None:
+    """``rule.adaptive_new``'s ratio for a parameter standing in for ``stand_in`` (``None``:
+    off, not adaptive, no Adam state)."""
+    if not rule.adaptive_new or not is_adaptive(optimizer):
+        return None
+    return adaptive_step_ratio(optimizer, stand_in)
+
+
+def _damp_new_units(state: dict[str, Any], origin: ParamOrigin, ratio: float) -> None:
+    """Divide the new units' (``index < 0``) second moments in ``state`` by ``ratio ** 2``."""
+    for key, value in state.items():
+        if STATE_KINDS.get(key) != "square" or not isinstance(value, Tensor) or value.dim() == 0:
+            continue
+        shape = [1] * value.dim()
+        shape[origin.dim] = -1
+        new = (origin.index.to(value.device) < 0).view(shape)
+        state[key] = torch.where(new, value / max(ratio, 1e-12) ** 2, value)
 
 
 def _factor_states(optimizer: torch.optim.Optimizer, parent_params: dict[str, nn.Parameter],

@@ -71,8 +71,11 @@ REGIMES = ("same", "raised", "warmup")
 #   iso1, iso3  middle channels rebalanced so F2's columns have 1x / 3x the He norm
 #   b1s     the first factor's bias shrunk 100x (moved into the second's)
 #   zout    (widen) the fresh units' outgoing weights scaled by 0.1 (the pairs still cancel)
+# and, in transfer_optimizer (TransferRule.adaptive_new), for every morph:
+#   adamn   under an adaptive optimiser, fresh parameters without multipliers and new units
+#           step at their stand-in's typical step (lr x r; new units' v / r^2)
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
-               "orth2", "adamr", "zout")
+               "orth2", "adamr", "zout", "adamn")
 TRANSFER_OPTIONS = ("dlr", "state", "adamr")  # transfer_optimizer applies them (TransferRule)
 REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
 # The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
@@ -129,7 +132,8 @@ def plan_arm(name: str, stable_rule: tuple[str, ...] | list[str] = STABLE_RULE) 
                               f"re-gauge after the morph: combine them with +raw only")
     rule = TransferRule(RULE.scaled, RULE.fresh_state,
                         lr_advice="dlr" in options and "slope" not in options,
-                        adaptive_ratio="adamr" in options, factor_state="state" in options)
+                        adaptive_ratio="adamr" in options, factor_state="state" in options,
+                        adaptive_new="adamn" in options)
     return ArmPlan(scheme, tuple(options), step_rule, rule)
 
 
