@@ -123,13 +123,18 @@ def test_transfer_applies_the_familys_multiplier_and_the_scheduler_follows(
     base = opt.param_groups[0]["lr"]
     for name in ("first.weight", "first.bias", "second.weight", "second.bias"):
         assert group_lr(new, child.get_parameter(f"fc2.{name}")) == pytest.approx(base * scale)
-    for name in ("fc1.weight", "fc2.act.a", "head.weight"):
+    for name in ("fc1.weight", "head.weight"):
         assert group_lr(new, child.get_parameter(name)) == base
-    assert group_sources(new) == [(0, 1.0), (0, pytest.approx(scale))]
+    # the slope is a fresh parameter: under Adam its stand-in's typical step (below)
+    slope = 1.0 if optimizer == "sgd" else adaptive_step_ratio(opt, model.fc2.bias)
+    assert group_lr(new, child.fc2.act.a) == pytest.approx(base * slope)
+    scales = [scale] if optimizer == "sgd" else [scale, slope]
+    assert group_sources(new) == [(0, 1.0), *[(0, pytest.approx(s)) for s in scales]]
     new_sched = transfer_scheduler(sched, new)
     new.step()
     new_sched.step()
-    assert [g["lr"] for g in new.param_groups] == pytest.approx([base / 2, base * scale / 2])
+    assert [g["lr"] for g in new.param_groups] == pytest.approx(
+        [base / 2, *[base * s / 2 for s in scales]])
 
 
 def test_adam_without_state_takes_the_adaptive_figure_alone() -> None:
@@ -218,7 +223,8 @@ def test_a_chain_of_deepens_transfers_like_one_step_at_a_time() -> None:
         assert group_lr(direct, p) == pytest.approx(group_lr(stepwise, p), rel=1e-12), name
         for key, value in stepwise.state[p].items():
             torch.testing.assert_close(direct.state[p][key], value, rtol=0, atol=0)
-    assert len(direct.param_groups) == 3  # the original group and one per factor pair
+    # the original group, one per factor pair and (AdamW) one per PAct slope
+    assert len(direct.param_groups) == 5
 
 
 def test_the_record_survives_a_checkpoint(tmp_path) -> None:
@@ -234,22 +240,31 @@ def test_the_record_survives_a_checkpoint(tmp_path) -> None:
         before.lr_advice, before.lr_reference, before.factor)
 
 
-def test_adaptive_new_research_option_damps_new_units_and_fresh_parameters() -> None:
-    """TransferRule.adaptive_new (off by default): new units' second moments / r^2, fresh
-    parameters without recorded multipliers lr x r (r: the stand-in's typical Adam step)."""
+def test_new_entries_of_stable_morphs_start_at_their_stand_ins_typical_adam_step() -> None:
+    """The stable scheme marks new entries (ParamOrigin.adaptive_new); under Adam the new
+    units' second moments are divided by r^2 and a fresh parameter's rate (the PAct slope)
+    is multiplied by r (r: the stand-in's typical Adam step); the baselines, SGD, and
+    TransferRule(adaptive_new=False) are left as published."""
     model, x, y = parent("mlp")
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     trained(model, opt, x, y, steps=4)
-    rule = TransferRule(RULE.scaled, RULE.fresh_state, adaptive_new=True)
+    off = TransferRule(RULE.scaled, RULE.fresh_state, adaptive_new=False)
     wide = widen(model, "fc1", 14, inputs=x)
-    plain, damped = transfer_optimizer(opt, model, wide), transfer_optimizer(opt, model, wide,
-                                                                              rule=rule)
+    assert last_report(wide).param_map["fc2.weight"].adaptive_new
+    damped, plain = transfer_optimizer(opt, model, wide), transfer_optimizer(opt, model, wide,
+                                                                              rule=off)
     r = adaptive_step_ratio(opt, model.fc2.weight)
     v0, v1 = (o.state[wide.fc2.weight]["exp_avg_sq"] for o in (plain, damped))
     torch.testing.assert_close(v1[:, :10], v0[:, :10], rtol=0, atol=0)  # the parent's units
     torch.testing.assert_close(v1[:, 10:], v0[:, 10:] / r**2)
+    published = widen(model, "fc1", 14, scheme="netmorph", inputs=x)
+    assert not any(o.adaptive_new for o in last_report(published).param_map.values())
     deep = deepen(model, "fc1", inputs=x)
-    slope = transfer_optimizer(opt, model, deep, rule=rule)
     stand_in = adaptive_step_ratio(opt, model.fc1.bias)  # the slope's nearest parameter
-    assert group_lr(slope, deep.fc1.act.a) == pytest.approx(0.01 * stand_in)
-    assert group_lr(transfer_optimizer(opt, model, deep), deep.fc1.act.a) == 0.01
+    new = transfer_optimizer(opt, model, deep)
+    assert group_lr(new, deep.fc1.act.a) == pytest.approx(0.01 * stand_in)
+    assert group_lr(transfer_optimizer(opt, model, deep, rule=off), deep.fc1.act.a) == 0.01
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trained(model, sgd, x, y)
+    deep = deepen(model, "fc1", inputs=x)
+    assert group_lr(transfer_optimizer(sgd, model, deep), deep.fc1.act.a) == 0.1

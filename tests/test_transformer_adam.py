@@ -61,7 +61,9 @@ def test_state_follows_the_param_map(growth: str, scheme: str, borrow: bool) -> 
     parent, opt = trained_with_adamw()
     before = snapshot_state(opt)
     child = GROWTHS[growth](parent, scheme)
-    rule = TransferRule(scaled=frozenset(), fresh_state="borrow" if borrow else "none")
+    # the published mapping (the stable step rule's adjustments: test_stable_rule.py)
+    rule = TransferRule(scaled=frozenset(), fresh_state="borrow" if borrow else "none",
+                        adaptive_new=False)
     new = transfer_optimizer(opt, parent, child, rule=rule)
     torch.testing.assert_close(opt.state_dict(), before, rtol=0, atol=0)
 

@@ -124,11 +124,12 @@ class TransferRule:
     What the step rule recorded (module docstring), applied by default: ``lr_advice`` the
     recorded learning-rate multipliers, ``adaptive_ratio`` (with ``lr_advice``) their
     scaling by the parent's typical adaptive step, ``factor_state`` the parent layer's state
-    mapped onto recorded factor pairs. ``adaptive_new`` (a research hypothesis, off): under
-    an adaptive optimiser every fresh parameter without recorded multipliers takes its
-    stand-in's typical step ratio ``r`` (:func:`~stablemorph.step_rule.adaptive_step_ratio`)
-    as a multiplier, and the new units of an indexed parameter have their second moments
-    divided by ``r ** 2`` (their steps times ``r`` while the borrowed moment dominates).
+    mapped onto recorded factor pairs, ``adaptive_new`` the new entries the morph marked
+    (``ParamOrigin.adaptive_new``): under an adaptive optimiser a fresh parameter without
+    recorded multipliers takes its stand-in's typical step ratio ``r``
+    (:func:`~stablemorph.step_rule.adaptive_step_ratio`) as its multiplier, and the new units
+    of an indexed parameter have their second moments divided by ``r ** 2`` (their steps
+    times ``r`` while the borrowed moment dominates).
     """
 
     scaled: frozenset[str]
@@ -136,7 +137,7 @@ class TransferRule:
     lr_advice: bool = True
     adaptive_ratio: bool = True
     factor_state: bool = True
-    adaptive_new: bool = False
+    adaptive_new: bool = True
 
     def __post_init__(self) -> None:
         if self.fresh_state not in ("none", "borrow"):
@@ -220,7 +221,7 @@ def transfer_optimizer(
             if stand_in is None:
                 members.append((0, lr_scale, name, p))
                 continue
-            ratio = _new_ratio(optimizer, parent_params[stand_in], rule)
+            ratio = _new_ratio(origin, optimizer, parent_params[stand_in], rule)
             lr_scale *= 1.0 if origin.lr_advice is not None or ratio is None else ratio
             if stand_in in group_of:
                 members.append((group_of[stand_in], lr_scale, name, p))
@@ -244,7 +245,7 @@ def transfer_optimizer(
         if old_state:
             states[p] = _map_state(old_state, origin, parent_params[source], name, kind,
                                    rule.scaled)
-            ratio = _new_ratio(optimizer, parent_params[source], rule)
+            ratio = _new_ratio(origin, optimizer, parent_params[source], rule)
             if ratio is not None and origin.index is not None:
                 _damp_new_units(states[p], origin, ratio)
     if rule.factor_state:
@@ -376,11 +377,12 @@ def _advised(origin: ParamOrigin, optimizer: torch.optim.Optimizer,
     return scale if ratio is None else scale * ratio
 
 
-def _new_ratio(optimizer: torch.optim.Optimizer, stand_in: Tensor, rule: TransferRule
-               ) -> float | None:
-    """``rule.adaptive_new``'s ratio for a parameter standing in for ``stand_in`` (``None``:
-    off, not adaptive, no Adam state)."""
-    if not rule.adaptive_new or not is_adaptive(optimizer):
+def _new_ratio(origin: ParamOrigin, optimizer: torch.optim.Optimizer, stand_in: Tensor,
+               rule: TransferRule) -> float | None:
+    """The typical step ratio of ``stand_in`` for the new entries of a parameter of
+    ``origin`` (``None``: not marked, ``rule.adaptive_new`` off, not adaptive, no Adam
+    state)."""
+    if not (origin.adaptive_new and rule.adaptive_new) or not is_adaptive(optimizer):
         return None
     return adaptive_step_ratio(optimizer, stand_in)
 

@@ -47,7 +47,10 @@ class ParamOrigin:
     belongs to the factor pair ``{"layer", "first", "second", "stride", "groups"}`` standing
     for the parent's layer ``layer`` (its ``.weight`` and ``.bias``), the pair's modules
     ``first`` and ``second`` named in the child: its optimiser state is the layer's mapped
-    through the factorisation.
+    through the factorisation. ``adaptive_new``: under an adaptive optimiser the
+    parameter's new entries (all of a fresh parameter without ``lr_advice``, the new units
+    ``index < 0`` of an indexed one) start at their stand-in's (or source's) typical step
+    (:func:`stablemorph.optim.transfer_optimizer`; set by :func:`mark_new_entries`).
     """
 
     source: str | None
@@ -59,6 +62,7 @@ class ParamOrigin:
     lr_advice: dict[str, float] | None = None
     lr_reference: str | None = None
     factor: dict[str, Any] | None = None
+    adaptive_new: bool = False
 
     @property
     def is_fresh(self) -> bool:
@@ -121,6 +125,7 @@ def compose_origins(outer: dict[str, ParamOrigin], inner: dict[str, ParamOrigin]
     sources; a fresh parameter keeps its own, and its stand-in (and ``lr_reference``) is
     mapped back to the parent. A ``factor`` record is kept while the parameter passes
     unchanged and its layer maps back to an unchanged parent layer; else it is dropped.
+    ``adaptive_new`` holds if either morph set it.
     """
 
     def back(name: str | None) -> str | None:
@@ -179,7 +184,16 @@ def _compose_rule(o: ParamOrigin, i: ParamOrigin | None, inner: dict[str, ParamO
     elif factor is not None:
         layer = unchanged(f"{factor['layer']}.weight")
         factor = None if layer is None else {**factor, "layer": layer[:-len(".weight")]}
-    return {"lr_advice": advice, "lr_reference": reference, "factor": factor}
+    return {"lr_advice": advice, "lr_reference": reference, "factor": factor,
+            "adaptive_new": o.adaptive_new or (i is not None and i.adaptive_new)}
+
+
+def mark_new_entries(param_map: dict[str, ParamOrigin]) -> None:
+    """Set ``adaptive_new`` on every origin with new entries: fresh parameters and indexed
+    ones with new units (the stable scheme's step rule, :mod:`stablemorph.step_rule`)."""
+    for origin in param_map.values():
+        if origin.is_fresh or (origin.index is not None and bool((origin.index < 0).any())):
+            origin.adaptive_new = True
 
 
 def history(model: nn.Module) -> list[MorphRecord]:

@@ -55,7 +55,7 @@ BASELINES = ("parent", "scratch")
 REGIMES = ("same", "raised", "warmup")
 # Options an arm may add to its scheme, "scheme+option+..." (each is a hypothesis of the
 # stability research, recorded with its numbers in benchmarks/results/stability_research.md).
-# For every deepen / subnet factor pair; the first four are the library's step rule
+# For every deepen / subnet factor pair; these four and adamn are the library's step rule
 # (stablemorph.step_rule: the morph's step_rule option, then transfer_optimizer's TransferRule):
 #   orth2   pointwise pairs re-factored with an orthogonal second factor (stable's solve)
 #   dlr     learning-rate multiplier 1 / first-step amplification measured on the probe
@@ -71,16 +71,16 @@ REGIMES = ("same", "raised", "warmup")
 #   iso1, iso3  middle channels rebalanced so F2's columns have 1x / 3x the He norm
 #   b1s     the first factor's bias shrunk 100x (moved into the second's)
 #   zout    (widen) the fresh units' outgoing weights scaled by 0.1 (the pairs still cancel)
-# and, in transfer_optimizer (TransferRule.adaptive_new), for every morph:
-#   adamn   under an adaptive optimiser, fresh parameters without multipliers and new units
-#           step at their stand-in's typical step (lr x r; new units' v / r^2)
+#   adamn   (every morph; the stable scheme's morphs mark their new entries) under an
+#           adaptive optimiser, fresh parameters without multipliers and new units step at
+#           their stand-in's typical step (lr x r; new units' v / r^2)
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
                "orth2", "adamr", "zout", "adamn")
-TRANSFER_OPTIONS = ("dlr", "state", "adamr")  # transfer_optimizer applies them (TransferRule)
+TRANSFER_OPTIONS = ("dlr", "state", "adamr", "adamn")  # applied by transfer_optimizer
 REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
 # The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
 # means in an experiment unless "+raw" is given.
-STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr")
+STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr", "adamn")
 # the morphs that take the step rule (factor pairs)
 RULE_MORPHS = ("deepen", "insert_subnet")
 

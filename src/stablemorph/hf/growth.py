@@ -53,7 +53,15 @@ from stablemorph.morphs.contract import (
     check_model,
     model_dtype,
 )
-from stablemorph.record import MorphRecord, MorphReport, ParamOrigin, append_record, history
+from stablemorph.record import (
+    MorphRecord,
+    MorphReport,
+    ParamOrigin,
+    append_record,
+    history,
+    mark_new_entries,
+)
+from stablemorph.schemes import TABLE
 from stablemorph.verify import VerifyError, default_tolerance, preserved_state, verify
 
 DEFAULT_OUT_SCALE = 0.1
@@ -327,6 +335,8 @@ def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: di
         raise MorphError(f"grow {type(model).__name__} (scheme {scheme!r}) does not preserve "
                          f"the logits: {check.describe()}; tolerance max_rel {limit:.1e}")
     param_map = origins(model, child, fam, net)
+    if scheme in TABLE and TABLE[scheme].step_rule:
+        mark_new_entries(param_map)  # the stable scheme's step rule (stablemorph.step_rule)
     _requires_grad(model, child, param_map)
     named = dict(child.named_parameters())
     changed = [n for n, o in param_map.items() if o.source is None or o.index is not None]
