@@ -63,4 +63,12 @@ def get_scheme(name: str) -> Scheme:
         raise ValueError(f"unknown scheme {name!r}; choose one of {SCHEMES}") from None
 
 
-__all__ = ["SCHEMES", "TABLE", "Scheme", "get_scheme"]
+def step_rule_on(scheme: str, step_rule: bool | None = None) -> bool:
+    """Whether a morph applies the step rule: ``step_rule`` when given, else the scheme's
+    default (``False`` for a name not in :data:`TABLE`, e.g. a growth's own)."""
+    if step_rule is not None:
+        return bool(step_rule)
+    return scheme in TABLE and TABLE[scheme].step_rule
+
+
+__all__ = ["SCHEMES", "TABLE", "Scheme", "get_scheme", "step_rule_on"]

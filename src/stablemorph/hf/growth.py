@@ -61,7 +61,7 @@ from stablemorph.record import (
     history,
     mark_new_entries,
 )
-from stablemorph.schemes import TABLE
+from stablemorph.schemes import step_rule_on
 from stablemorph.verify import VerifyError, default_tolerance, preserved_state, verify
 
 DEFAULT_OUT_SCALE = 0.1
@@ -335,7 +335,7 @@ def _finish(model: nn.Module, child: nn.Module, fam: Family, net: Net, probe: di
         raise MorphError(f"grow {type(model).__name__} (scheme {scheme!r}) does not preserve "
                          f"the logits: {check.describe()}; tolerance max_rel {limit:.1e}")
     param_map = origins(model, child, fam, net)
-    if scheme in TABLE and TABLE[scheme].step_rule:
+    if step_rule_on(scheme):
         mark_new_entries(param_map)  # the stable scheme's step rule (stablemorph.step_rule)
     _requires_grad(model, child, param_map)
     named = dict(child.named_parameters())

@@ -49,7 +49,7 @@ from stablemorph.record import (
     history,
     mark_new_entries,
 )
-from stablemorph.schemes import TABLE
+from stablemorph.schemes import step_rule_on
 from stablemorph.solvers import DecompositionError
 from stablemorph.verify import (
     NOISE_FACTOR,
@@ -330,8 +330,7 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
         else:  # a surgery bug, not a user error
             raise RuntimeError(f"{op}: child parameter {name!r} has no recorded origin")
     changed = list(done.origins) if done.changed is None else list(done.changed)
-    step_rule = kwargs.get("step_rule")
-    if step_rule if step_rule is not None else (scheme in TABLE and TABLE[scheme].step_rule):
+    if step_rule_on(scheme, kwargs.get("step_rule")):
         mark_new_entries(param_map)  # the stable scheme's step rule (stablemorph.step_rule)
 
     carried = ""

@@ -45,7 +45,7 @@ from stablemorph.morphs.factor import (
 )
 from stablemorph.morphs.first_step import advise
 from stablemorph.record import ParamOrigin
-from stablemorph.schemes import get_scheme
+from stablemorph.schemes import step_rule_on
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -151,7 +151,7 @@ def deepen(
                          f"groups={geom.groups}, got {width}")
     if scheme == "stable":
         check_feasible(geom, width, k1, k2, target, "deepen")
-    rule = get_scheme(scheme).step_rule if step_rule is None else bool(step_rule)
+    rule = step_rule_on(scheme, step_rule)
 
     def surgery(child: nn.Module, probe: tuple[Tensor, ...]) -> Surgery:
         old = child.get_submodule(target)

@@ -58,7 +58,7 @@ from stablemorph.morphs.factor import (
     resolve_kernels,
 )
 from stablemorph.record import ParamOrigin
-from stablemorph.schemes import get_scheme
+from stablemorph.schemes import get_scheme, step_rule_on
 from stablemorph.verify import preserved_state
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -206,7 +206,7 @@ def insert_subnet(
                          f"'.shortcut' or a layer of its branch")
     else:
         geom = None  # an identity: its channels are known once the probe has run
-    rule = get_scheme(scheme).step_rule if step_rule is None else bool(step_rule)
+    rule = step_rule_on(scheme, step_rule)
     kwargs: dict[str, object] = {"scheme": scheme, "kernel_sizes": [k1, k2], "width": width,
                                  "share": float(share), "activation": activation, "seed": seed,
                                  "step_rule": rule}
