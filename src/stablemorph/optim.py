@@ -64,8 +64,12 @@ times the morph's recorded multiplier (``lr_advice``) for the optimiser's family
 (:func:`~stablemorph.step_rule.is_adaptive`: ``"adaptive"``, else ``"sgd"``), and under an
 adaptive optimiser times the typical step of the recorded parent parameter
 (``lr_reference``, :func:`~stablemorph.step_rule.adaptive_step_ratio`) where it has Adam
-state. Morphs record nothing of the kind by default except with the stable scheme, so the
-baselines transfer as published.
+state. The stable scheme's morphs also mark their other new entries
+(``ParamOrigin.adaptive_new``): under an adaptive optimiser a fresh parameter without
+recorded multipliers gets its stand-in's typical step as multiplier, and the new units of an
+indexed parameter their second moments divided by its square (:class:`TransferRule`). Morphs
+record nothing of the kind by default except with the stable scheme, so the baselines
+transfer as published.
 
 Optimisers whose state is not per parameter (:class:`torch.optim.LBFGS`: flat ``d``,
 ``prev_flat_grad`` and curvature pairs over all parameters) are refused up front.
