@@ -322,6 +322,9 @@ def collect(table: dict[str, tuple[str, ExperimentConfig]], work: Path,
 def cell_summary(cfg: ExperimentConfig, arms: list[Arm]) -> dict[str, Any]:
     """Per regime and arm: per-seed figures; per regime: paired differences."""
     out: dict[str, Any] = {}
+    order = [*cfg.schemes, *cfg.baselines]
+    arms = sorted(arms, key=lambda a: (order.index(a.arm) if a.arm in order else len(order),
+                                       a.seed))
     for regime in cfg.regimes:
         per: dict[str, dict[int, dict[str, Any]]] = {}
         for a in arms:
@@ -452,7 +455,8 @@ def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
             counts["stretch_all"][0 if j["stretch"] else 1] += 1
             counts["final_ok"][0 if j["final_ok"] else 1] += 1
             for b, d in j["worse"].items():
-                worse.append(f"{name} / {regime}: stable − {b} = {_ms(d)} ({metric})")
+                worse.append(f"{_label(name, entry)} / {regime}: stable − {b} = {_ms(d)} "
+                             f"({metric})")
     table = [
         f"Over the {judged + unjudged} cell × regime pairs with stable and both published "
         f"baselines ({judged} judged: the better baseline's drop / loss rise exceeds the "
@@ -470,6 +474,13 @@ def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
         f"{counts['final_ok'][0]} | {counts['final_ok'][1]} |",
     ]
     return table, worse
+
+
+def _label(name: str, entry: dict[str, Any]) -> str:
+    """The cell's name, with ``(partial n/N runs)`` while it is unfinished."""
+    if entry["runs"] >= entry["expected"]:
+        return name
+    return f"{name} (partial {entry['runs']}/{entry['expected']} runs)"
 
 
 def _describe(entry: dict[str, Any]) -> str:
@@ -506,7 +517,7 @@ def _provenance(name: str, entry: dict[str, Any]) -> str:
 
 def _cell_section(name: str, entry: dict[str, Any]) -> list[str]:
     summary = entry["summary"]
-    lines = ["", f"## {name}", "", _describe(entry), "",
+    lines = ["", f"## {_label(name, entry)}", "", _describe(entry), "",
              "| regime | arm | drop | loss rise | recover | final acc | final loss | zeros | "
              "moved |", "|---|---|---|---|---|---|---|---|---|"]
     for regime, reg in summary.items():
@@ -589,7 +600,7 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
     for name, entry in entries.items():
         row = [verdict(entry["summary"][r], _metric(name, entry))[0]
                if r in entry["summary"] else "-" for r in REGIMES]
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append(f"| {_label(name, entry)} | " + " | ".join(row) + " |")
     lines += ["", "## Verdicts: excess over the parent trained on at the same rate, and the "
               "stretch goal", "",
               "Where the parent itself drops (rises) almost as much as the baselines, the "
@@ -601,7 +612,7 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
     for name, entry in entries.items():
         row = [second_view(entry["summary"][r], _metric(name, entry))
                if r in entry["summary"] else "-" for r in REGIMES]
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append(f"| {_label(name, entry)} | " + " | ".join(row) + " |")
     for name, entry in entries.items():
         lines += _cell_section(name, entry)
     research = RESULTS / "stability_research.md"
@@ -646,7 +657,7 @@ def heatmap(entries: dict[str, dict[str, Any]], results: Path) -> None:
                         fontsize=7)
         ax.set_xticks(range(len(REGIMES)), REGIMES)
         ax.set_title(title, fontsize=9)
-    axes[0].set_yticks(range(len(names)), names, fontsize=7)
+    axes[0].set_yticks(range(len(names)), [_label(n, entries[n]) for n in names], fontsize=7)
     fig.suptitle("stable's drop (GPT: loss rise), log2 colour", fontsize=10)
     fig.colorbar(im, ax=axes, label="log2 ratio")
     fig.savefig(results / "stability_matrix.png", dpi=110, bbox_inches="tight")
