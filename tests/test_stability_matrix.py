@@ -1,0 +1,142 @@
+"""benchmarks/stability_matrix.py: the report is rebuilt from run folders, falling back to the
+committed JSON per cell, and judges each cell under the issue's test and the excess view."""
+
+import importlib.util
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from stablemorph.experiment.stability import Arm
+
+_SPEC = importlib.util.spec_from_file_location(
+    "stability_matrix", Path(__file__).parents[1] / "benchmarks" / "stability_matrix.py")
+matrix = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(matrix)
+
+CELL = "digits-mlp-widen-sgd"
+DROPS = {"stable": 1, "netmorph": 4, "net2net": 3, "parent": 0}  # in units of `unit`
+
+
+def _cfg():
+    return replace(matrix.cells()[CELL][1], seeds=1)
+
+
+def _arms(cfg, unit: float) -> list[Arm]:
+    """One run per regime and arm: accuracy 0.9 at the morph, dipping by DROPS[arm] * unit
+    at step 10, back at the end."""
+    out = []
+    for regime in cfg.regimes:
+        for arm in [*cfg.schemes, *cfg.baselines]:
+            d = DROPS[arm] * unit
+            records = [{"step": 0, "test_acc": 0.9, "test_loss": 0.3},
+                       {"step": 10, "test_acc": 0.9 - d, "test_loss": 0.3 + d},
+                       {"step": 200, "test_acc": 0.91, "test_loss": 0.29}]
+            out.append(Arm(0, regime, arm, records, 0.9, 0.3, 0.0, 1.0))
+    return out
+
+
+def _write_folder(work: Path, cfg, unit: float) -> None:
+    folder = work / CELL
+    (folder / "runs").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(asdict(cfg)))
+    for a in _arms(cfg, unit):
+        (folder / "runs" / f"seed0_{a.regime}_{a.arm}.json").write_text(json.dumps(asdict(a)))
+
+
+def _write_json(results: Path, cfg, unit: float) -> None:
+    results.mkdir(parents=True)
+    entry = {"config": asdict(cfg), "summary": matrix.cell_summary(cfg, _arms(cfg, unit)),
+             "runs": 12, "expected": 12,
+             "source": {"folder": f"runs/stability_matrix/{CELL}", "first_run": "then",
+                        "last_run": "later", "read_by_commit": "abc1234", "read_on": "now",
+                        "invocations": []}}
+    (results / "stability_matrix.json").write_text(
+        json.dumps({"format": 2, "cells": {CELL: entry}}))
+
+
+def _report(tmp_path: Path) -> tuple[int, dict, str]:
+    results = tmp_path / "results"
+    rc = matrix.main(["--report-only", "--work", str(tmp_path / "work"),
+                      "--results", str(results)])
+    data = json.loads((results / "stability_matrix.json").read_text())
+    return rc, data, (results / "stability_matrix.md").read_text()
+
+
+def _stable_drop(data: dict) -> float:
+    return data["cells"][CELL]["summary"]["raised"]["arms"]["stable"]["0"]["drop"]
+
+
+def test_missing_folder_falls_back_to_the_committed_json(tmp_path):
+    _write_json(tmp_path / "results", _cfg(), unit=0.01)
+    rc, data, md = _report(tmp_path)
+    assert rc == 0
+    assert _stable_drop(data) == pytest.approx(0.01)
+    assert data["cells"][CELL]["config"]["seeds"] == 1
+    row = next(line for line in md.splitlines() if line.startswith(f"| {CELL} | committed"))
+    assert "abc1234" in row and "complete" in row
+
+
+def test_a_present_folder_wins_over_the_json(tmp_path):
+    _write_json(tmp_path / "results", _cfg(), unit=0.01)
+    _write_folder(tmp_path / "work", _cfg(), unit=0.02)
+    rc, data, md = _report(tmp_path)
+    assert rc == 0
+    assert _stable_drop(data) == pytest.approx(0.02)
+    assert f"| {CELL} | run folder | complete |" in md
+    assert data["cells"][CELL]["source"]["folder"] == str(tmp_path / "work" / CELL)
+
+
+def test_a_partial_folder_does_not_replace_a_complete_json_entry(tmp_path):
+    _write_json(tmp_path / "results", _cfg(), unit=0.01)
+    _write_folder(tmp_path / "work", _cfg(), unit=0.02)
+    next((tmp_path / "work" / CELL / "runs").glob("*.json")).unlink()
+    rc, data, md = _report(tmp_path)
+    assert rc == 0
+    assert _stable_drop(data) == pytest.approx(0.01)
+    assert "holds only 11 runs and was not used" in md
+
+
+def test_a_malformed_json_is_refused_by_name(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    path = results / "stability_matrix.json"
+    path.write_text("{not json")
+    with pytest.raises(matrix.MatrixError, match=r"stability_matrix\.json cannot be read as JSON"):
+        matrix.load_results(path, matrix.cells())
+    rc = matrix.main(["--report-only", "--work", str(tmp_path / "w"), "--results", str(results)])
+    assert rc == 2
+    assert str(path) in capsys.readouterr().err
+    assert path.read_text() == "{not json"
+    path.write_text(json.dumps({"format": 2, "cells": {CELL: {"summary": {"raised": {}},
+                                                              "source": {}}}}))
+    with pytest.raises(matrix.MatrixError, match=f"cell '{CELL}': not a cell summary"):
+        matrix.load_results(path, matrix.cells())
+
+
+def _regime(stable: float, netmorph: float, net2net: float, parent: float) -> dict:
+    arms = {a: {s: {"drop": v + 0.001 * s, "final_acc": 0.9, "final_loss": 0.3}
+                for s in range(3)}
+            for a, v in (("stable", stable), ("netmorph", netmorph), ("net2net", net2net),
+                         ("parent", parent))}
+    paired = {b: {"drop": [arms["stable"][s]["drop"] - arms[b][s]["drop"] for s in range(3)]}
+              for b in ("netmorph", "net2net", "parent")}
+    return {"arms": arms, "paired": paired}
+
+
+@pytest.mark.parametrize("values, issue, excess, stretch", [
+    ((0.044, 0.050, 0.043, 0.037), False, False, True),   # GPT AdamW-like: parent drops too
+    ((0.030, 0.060, 0.050, 0.020), False, True, True),    # only the growth's share halved
+    ((0.020, 0.060, 0.050, 0.005), True, True, False),    # halved, yet 4x the parent
+])
+def test_the_two_views_and_the_stretch_goal(values, issue, excess, stretch):
+    j = matrix.judge(_regime(*values))
+    assert (j["judged"], j["issue"], j["excess"], j["stretch"]) == (True, issue, excess, stretch)
+    assert j["excess_ratio"] == pytest.approx((values[0] - values[3]) / (values[2] - values[3]))
+
+
+def test_stable_worse_beyond_the_paired_spread_is_named():
+    j = matrix.judge(_regime(0.05, 0.01, 0.02, 0.0))
+    assert set(j["worse"]) == {"netmorph", "net2net"}
+    assert matrix.judge(_regime(0.0, 0.0, 0.001, 0.0))["judged"] is False
