@@ -3,7 +3,7 @@ Levenberg-Marquardt path), widen and the bare solver, on the CPU always and on C
 device is present (skipped otherwise). Every morph runs with ``Tensor.cpu`` and
 ``Tensor.numpy`` made to raise, so a silent copy to the host fails the test on any device."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -42,22 +42,26 @@ def _net(kernel: int, device: str, dtype: torch.dtype) -> nn.Module:
     ).to(device, dtype)
 
 
-def _check(child: nn.Module, device: str, dtype: torch.dtype) -> None:
+def _grow(morph: Callable[..., nn.Module], kernel: int, device: str, dtype: torch.dtype,
+          target: str, **kwargs: object) -> nn.Module:
+    """``morph`` of a two-conv net with ``kernel``-sized convs on ``device`` in ``dtype``; the
+    child checked to be there, in that dtype, exact and dense."""
+    model = _net(kernel, device, dtype)
+    x = torch.randn(4, 3, 8, 8, device=device, dtype=dtype)
+    child = morph(model, target, inputs=x, **kwargs)
     assert {p.device.type for p in child.parameters()} == {device}
     assert {p.dtype for p in child.parameters()} == {dtype}
     report = last_report(child)
     assert report.max_rel < (1e-5 if dtype == torch.float32 else 1e-9)  # solver tol 1e-10
     assert report.near_zero_fraction < 0.01
+    return child
 
 
 @pytest.mark.parametrize(("device", "dtype"), PLACES)
 def test_deepen_with_a_3x3_second_factor_stays_put(
     device: str, dtype: torch.dtype, no_host_copies: None
 ) -> None:
-    model = _net(3, device, dtype)
-    x = torch.randn(4, 3, 8, 8, device=device, dtype=dtype)
-    child = deepen(model, "3", kernel_size=3, inputs=x)
-    _check(child, device, dtype)
+    child = _grow(deepen, 3, device, dtype, "3", kernel_size=3)
     convs = [m for m in child[3].modules() if isinstance(m, nn.Conv2d)]
     assert [c.weight.shape[-1] for c in convs] == [3, 3]
 
@@ -67,19 +71,13 @@ def test_deepen_of_a_5x5_conv_into_two_3x3_stays_put(
     device: str, dtype: torch.dtype, no_host_copies: None
 ) -> None:
     """A generic 5x5 target: the Levenberg-Marquardt path, its float32 inner solve included."""
-    model = _net(5, device, dtype)
-    x = torch.randn(4, 3, 8, 8, device=device, dtype=dtype)
-    child = deepen(model, "3", kernel_size=3, first_kernel_size=3, inputs=x)
-    _check(child, device, dtype)
+    child = _grow(deepen, 5, device, dtype, "3", kernel_size=3, first_kernel_size=3)
     assert any("via lm" in note for note in last_report(child).notes)
 
 
 @pytest.mark.parametrize(("device", "dtype"), PLACES)
 def test_widen_stays_put(device: str, dtype: torch.dtype, no_host_copies: None) -> None:
-    model = _net(3, device, dtype)
-    x = torch.randn(4, 3, 8, 8, device=device, dtype=dtype)
-    child = widen(model, "0", width=10, inputs=x)
-    _check(child, device, dtype)
+    child = _grow(widen, 3, device, dtype, "0", width=10)
     assert child[0].weight.shape[0] == 10
 
 
