@@ -256,9 +256,11 @@ def _update(old: str, lines: list[str], load: float) -> str:
     new = {tuple(r.split(" | ")[:2]): r for r in lines if r.startswith("| ") and " | " in r
            and not r.startswith("| problem") and not r.startswith("|---")}
     out, done = [], []
+    main_table = True  # only the first table's rows: later tables share their first cells
     for line in old.splitlines():
         key = tuple(line.split(" | ")[:2])
-        if key in new:
+        main_table = main_table and not line.startswith("Re-measured")
+        if main_table and key in new:
             out.append(new[key])
             done.append(f"{key[0][2:]} at C={key[1]}")
         else:
