@@ -8,7 +8,13 @@ from torch import nn
 from torch.testing import assert_close
 
 from stablemorph import probe_outputs
-from stablemorph.equation import composite, pad_kernel, relative_residual, sparsity
+from stablemorph.equation import (
+    composite,
+    factor_shape,
+    pad_kernel,
+    relative_residual,
+    sparsity,
+)
 from stablemorph.morphs import deepen
 from stablemorph.record import last_report
 from stablemorph.solvers import decompose
@@ -53,6 +59,30 @@ def test_matrix_form_residual_equals_the_convolution(case: tuple[int, ...]) -> N
     cast = conv_residual(f1, f2, exact, s, g)
     assert 1e-9 < cast < 1e-6
     assert_close(relative_residual(f1, f2, exact, s, g), cast, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matrix_form_is_the_composite_and_its_adjoint_the_gradient(case: tuple[int, ...]) -> None:
+    """The taps-major matrix form the solvers iterate on: ``apply`` is the convolution's
+    composite, the layout conversions invert each other, ``adjoint`` is autograd's gradient."""
+    ci, cm, co, k1, k2, s, g, nd = case
+    gen = torch.Generator().manual_seed(2)
+    F1 = torch.randn(cm, ci // g, *[k1] * nd, generator=gen, dtype=torch.float64)
+    F2 = torch.randn(co, cm // g, *[k2] * nd, generator=gen, dtype=torch.float64)
+    shape = factor_shape(F1, F2, s, g)
+    A, B = shape.f2_to_a(F2), shape.f1_to_b(F1)
+    assert_close(shape.b_to_f1(B), F1, rtol=0, atol=0)
+    assert_close(shape.a_to_f2(A), F2, rtol=0, atol=0)
+    comp = composite(F1, F2, s, g)
+    assert_close(shape.untarget(shape.apply(A, B)), comp, rtol=1e-12, atol=1e-12)
+    assert_close(shape.apply(A, B), shape.target(comp), rtol=1e-12, atol=1e-12)
+    U = torch.randn(shape.apply(A, B).shape, generator=gen, dtype=torch.float64)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    (shape.apply(A, B) * U).sum().backward()
+    gA, gB = shape.adjoint(U, A.detach(), B.detach())
+    assert_close(gA, A.grad, rtol=1e-12, atol=1e-12)
+    assert_close(gB, B.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_sketched_residual_is_close_and_exact_when_it_covers_every_output() -> None:
