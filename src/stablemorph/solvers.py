@@ -88,37 +88,39 @@ class DecompositionReport:
 # linear sub-problems: one factor fixed
 
 
-def _lstsq(M: Tensor, rhs: Tensor) -> Tensor:
+def _lstsq(M: Tensor, rhs: Tensor, driver: str = "gelsd") -> Tensor:
     """Minimum-norm least-squares solution of ``M X = rhs`` (batched). On the CPU LAPACK's
-    ``gelsy`` (a pivoted QR, rank-revealing like ``gelsd``'s SVD and the same minimum-norm
-    solution, 7x quicker at 1600 x 1152); elsewhere (CUDA's ``lstsq`` takes full-rank tall
-    systems only) the SVD pseudo-inverse, the same minimum-norm solution."""
+    ``driver``: ``gelsd`` (SVD) by default; ``gelsy`` (a pivoted QR, 7x quicker at 1600 x
+    1152) where only a good start is needed. Elsewhere (CUDA's ``lstsq`` takes full-rank
+    tall systems only) the SVD pseudo-inverse, the same minimum-norm solution."""
     if M.device.type == "cpu":
-        return torch.linalg.lstsq(M, rhs, driver="gelsy").solution
+        return torch.linalg.lstsq(M, rhs, driver=driver).solution
     return torch.linalg.pinv(M) @ rhs
 
 
-def _solve_x(M: Tensor, rhs: Tensor, start: Tensor | None) -> Tensor:
+def _solve_x(M: Tensor, rhs: Tensor, start: Tensor | None, driver: str = "gelsd") -> Tensor:
     """Least-squares ``X`` for ``M X = rhs``; with ``start``, the solution nearest to it
     (``start`` + the minimum-norm correction), which keeps ``start``'s null-space part."""
     if start is None:
-        return _lstsq(M, rhs)
-    return start + _lstsq(M, rhs - M @ start)
+        return _lstsq(M, rhs, driver)
+    return start + _lstsq(M, rhs - M @ start, driver)
 
 
 def _second_given_first(
-    shape: BilinearShape, F1: Tensor, Gp: Tensor, start: Tensor | None
+    shape: BilinearShape, F1: Tensor, Gp: Tensor, start: Tensor | None, driver: str = "gelsd"
 ) -> Tensor:
-    """Best ``F2`` for fixed ``F1`` (``start``: an ``F2``-shaped random start or None)."""
+    """Best ``F2`` for fixed ``F1`` (``start``: an ``F2``-shaped random start or None;
+    ``driver``: see :func:`_lstsq`)."""
     g, nd = shape.groups, shape.nd
     if shape.is_product:  # composite = A @ B: solve A^T from B^T, no Kronecker blow-up
         B, T = shape.f1_to_b(F1), shape.gather(shape.target(Gp))
         X0 = None if start is None else shape.f2_to_a(start).transpose(1, 2)
-        return shape.a_to_f2(_solve_x(B.transpose(1, 2), T.transpose(1, 2), X0).transpose(1, 2))
+        X = _solve_x(B.transpose(1, 2), T.transpose(1, 2), X0, driver)
+        return shape.a_to_f2(X.transpose(1, 2))
     M = second_factor_map(F1, shape.k2, shape.stride, g)  # (g, i Kc, m K2)
     T = Gp.reshape(g, shape.c_out // g, -1).transpose(1, 2)  # (g, i Kc, o)
     X0 = None if start is None else start.reshape(g, shape.c_out // g, -1).transpose(1, 2)
-    X = _solve_x(M, T, X0)  # (g, m K2, o)
+    X = _solve_x(M, T, X0, driver)  # (g, m K2, o)
     return X.transpose(1, 2).reshape(shape.c_out, shape.c_mid // g, *([shape.k2] * nd))
 
 
@@ -391,7 +393,7 @@ def _stable(
         else:
             # warm start: F1 random, F2 its least-squares partner (a variable-projection step)
             F1r, F2r = _random_factors(shape, gen, device)
-            F2 = _second_given_first(shape, F1r, Gp(), F2r)
+            F2 = _second_given_first(shape, F1r, Gp(), F2r, driver="gelsy")  # only a start
             F1, F2, iters = _lm(shape, Gp(), F1r, F2, tol * 0.1, max_iter)
             how = "lm"
         F1, F2 = balance(F1, F2, shape.groups)
