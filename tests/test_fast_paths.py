@@ -8,6 +8,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from stablemorph import probe_outputs
+from stablemorph.bilinear import _scatter_matrix
 from stablemorph.equation import (
     composite,
     factor_shape,
@@ -200,3 +201,19 @@ def test_deepen_grows_on_the_device(device: str) -> None:
     assert {p.device.type for p in child.parameters()} == {device}
     assert {p.dtype for p in child.parameters()} == {torch.float32}
     assert last_report(child).max_rel < 1e-5
+
+
+def test_a_solve_under_inference_mode_leaves_the_matrix_form_usable_by_autograd() -> None:
+    """The tap-scatter matrix is cached: one first built under ``torch.inference_mode`` must
+    still serve a later solve that autograd records (as the benchmark's Adam does)."""
+    _scatter_matrix.cache_clear()
+    G = torch.randn(6, 6, 5, 5, generator=torch.Generator().manual_seed(6),
+                    dtype=torch.float64) * 0.1
+    with torch.inference_mode():
+        F1, F2, rep = decompose(G, 12, (3, 3))
+    assert rep.residual <= 1e-10
+    shape = factor_shape(F1, F2)
+    A = shape.f2_to_a(F2.clone()).requires_grad_(True)
+    loss = (shape.apply(A, shape.f1_to_b(F1.clone())) - shape.target(pad_kernel(G, 5))).pow(2)
+    loss.sum().backward()
+    assert A.grad is not None and A.grad.abs().max() < 1e-8

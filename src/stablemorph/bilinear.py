@@ -119,6 +119,7 @@ def _scatter_matrix(
     cols = [functools.reduce(lambda acc, t: acc * kc + t,
                              (aa + stride * bb for aa, bb in zip(a, b, strict=True)), 0)
             for b, a in pairs]
-    S = torch.zeros(len(cols), kc**nd, dtype=dtype, device=device)
-    S[torch.arange(len(cols), device=device), torch.tensor(cols, device=device)] = 1
+    with torch.inference_mode(False):  # cached: usable later where autograd records
+        S = torch.zeros(len(cols), kc**nd, dtype=dtype, device=device)
+        S[torch.arange(len(cols), device=device), torch.tensor(cols, device=device)] = 1
     return S
