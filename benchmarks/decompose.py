@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None,
                         help="src/ of older code: time it against this checkout's, alternating "
                         "subprocesses, same seeds")
+    parser.add_argument("--versus-threads", type=int, nargs="+", default=None,
+                        help="thread counts of the --before comparison (default: --threads)")
     parser.add_argument("--worker", nargs=4, type=str, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -115,10 +117,12 @@ def main() -> None:
         torch.set_num_threads(int(threads))
         k, ks, ratio = PROBLEMS[name]
         G = kernel(int(c), k, seed=int(c))
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         *_, rep = decompose(G, round(int(c) * ratio), ks, method="stable", seed=int(seed),
                             max_iter=100)
-        print(json.dumps({"seconds": time.perf_counter() - t, "residual": rep.residual}))
+        print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time() - cpu,
+                          "residual": rep.residual, "residual_f32": rep.residual_cast,
+                          "near": rep.near_zero_fraction}))
         return
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
@@ -154,25 +158,31 @@ def main() -> None:
                 res, asec, steps, why = adam(G, c_mid, ks, target, args.adam_seconds, 1e-3, 0)
                 row.update(adam_res=res, adam_s=asec, adam_steps=steps, adam_why=why)
             if args.before is not None:
-                row["versus"] = versus(args.before, name, c, args.repeats, args.threads)
+                row["versus"] = [versus(args.before, name, c, args.repeats, t)
+                                 for t in args.versus_threads or [args.threads]]
             rows.append(row)
             print(row, flush=True)
     write(rows, args, load)
 
 
 def versus(before: Path, name: str, c: int, repeats: int, threads: int) -> dict:
-    """Median seconds of the old and this checkout's ``decompose`` on the same problem and
-    seeds, each run in a fresh subprocess, old and new alternating (same machine load)."""
+    """Medians (wall and CPU seconds, residuals, near zeros) of the old and this checkout's
+    ``decompose`` on the same problem and seeds, each run in a fresh subprocess, old and new
+    alternating (same machine load), with the load average before and after."""
     here = Path(__file__).resolve()
-    times: dict[str, list[float]] = {"before": [], "after": []}
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    load_start = os.getloadavg()
     for seed in range(repeats):
         for version, src in (("before", before.resolve()), ("after", here.parents[1] / "src")):
             env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
             out = subprocess.run(
                 [sys.executable, str(here), "--worker", name, str(c), str(seed), str(threads)],
                 env=env, capture_output=True, text=True, check=True).stdout
-            times[version].append(json.loads(out.strip().splitlines()[-1])["seconds"])
-    return {v: statistics.median(t) for v, t in times.items()} | {"load": os.getloadavg()[0]}
+            runs[version].append(json.loads(out.strip().splitlines()[-1]))
+    med = {v: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+           for v, rs in runs.items()}
+    walls = {v: [r["seconds"] for r in rs] for v, rs in runs.items()}
+    return med | {"threads": threads, "walls": walls, "load": (load_start, os.getloadavg())}
 
 
 def write(rows: list[dict], args: argparse.Namespace, load: float) -> None:
@@ -211,15 +221,26 @@ def write(rows: list[dict], args: argparse.Namespace, load: float) -> None:
     versus_rows = [r for r in rows if "versus" in r]
     extra: list[str] = []
     if versus_rows:
-        extra += ["", f"Before/after (code before: `{args.before}`, commit ec674de), each run in "
-                  f"a fresh subprocess, old and new alternating, seeds 0..{args.repeats - 1}, "
-                  f"medians:", "",
-                  "| problem | C | before s | after s | speed-up | load at end |",
-                  "|---|---|---|---|---|---|"]
+        extra += ["", f"Before/after (code before: `{args.before}`), each run in a fresh "
+                  f"subprocess, old and new alternating, seeds 0..{args.repeats - 1}, medians; "
+                  f"CPU: `time.process_time()` of the decomposition (all threads); load: the "
+                  f"1-minute load average before and after the cell:", "",
+                  "| problem | C | threads | before wall s | after wall s | speed-up "
+                  "| before CPU s | after CPU s | CPU speed-up | residual f64 before / after "
+                  "| residual f32 before / after | near zeros before / after | wall runs after "
+                  "| load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in versus_rows:
-            v = r["versus"]
-            extra.append(f"| {r['problem']} | {r['C']} | {v['before']:.2f} | {v['after']:.2f} | "
-                         f"{v['before'] / v['after']:.1f}x | {v['load']:.2f} |")
+            for v in r["versus"]:
+                b, a = v["before"], v["after"]
+                extra.append(
+                    f"| {r['problem']} | {r['C']} | {v['threads']} | {b['seconds']:.2f} | "
+                    f"{a['seconds']:.2f} | {b['seconds'] / a['seconds']:.1f}x | {b['cpu']:.2f} | "
+                    f"{a['cpu']:.2f} | {b['cpu'] / a['cpu']:.1f}x | {b['residual']:.1e} / "
+                    f"{a['residual']:.1e} | {b['residual_f32']:.1e} / {a['residual_f32']:.1e} | "
+                    f"{b['near']:.2%} / {a['near']:.2%} | "
+                    f"{', '.join(f'{w:.2f}' for w in v['walls']['after'])} | "
+                    f"{v['load'][0][0]:.2f} -> {v['load'][1][0]:.2f} |")
     text = "\n".join(lines + extra) + "\n"
     print(text)
     if args.out and args.update and args.out.exists():
@@ -235,9 +256,11 @@ def _update(old: str, lines: list[str], load: float) -> str:
     new = {tuple(r.split(" | ")[:2]): r for r in lines if r.startswith("| ") and " | " in r
            and not r.startswith("| problem") and not r.startswith("|---")}
     out, done = [], []
+    main_table = True  # only the first table's rows: later tables share their first cells
     for line in old.splitlines():
         key = tuple(line.split(" | ")[:2])
-        if key in new:
+        main_table = main_table and not line.startswith("Re-measured")
+        if main_table and key in new:
             out.append(new[key])
             done.append(f"{key[0][2:]} at C={key[1]}")
         else:

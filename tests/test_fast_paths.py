@@ -8,7 +8,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from stablemorph import probe_outputs
-from stablemorph.equation import composite, pad_kernel, relative_residual, sparsity
+from stablemorph.bilinear import _scatter_matrix
+from stablemorph.equation import (
+    composite,
+    factor_shape,
+    pad_kernel,
+    relative_residual,
+    sparsity,
+)
 from stablemorph.morphs import deepen
 from stablemorph.record import last_report
 from stablemorph.solvers import decompose
@@ -53,6 +60,30 @@ def test_matrix_form_residual_equals_the_convolution(case: tuple[int, ...]) -> N
     cast = conv_residual(f1, f2, exact, s, g)
     assert 1e-9 < cast < 1e-6
     assert_close(relative_residual(f1, f2, exact, s, g), cast, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matrix_form_is_the_composite_and_its_adjoint_the_gradient(case: tuple[int, ...]) -> None:
+    """The taps-major matrix form the solvers iterate on: ``apply`` is the convolution's
+    composite, the layout conversions invert each other, ``adjoint`` is autograd's gradient."""
+    ci, cm, co, k1, k2, s, g, nd = case
+    gen = torch.Generator().manual_seed(2)
+    F1 = torch.randn(cm, ci // g, *[k1] * nd, generator=gen, dtype=torch.float64)
+    F2 = torch.randn(co, cm // g, *[k2] * nd, generator=gen, dtype=torch.float64)
+    shape = factor_shape(F1, F2, s, g)
+    A, B = shape.f2_to_a(F2), shape.f1_to_b(F1)
+    assert_close(shape.b_to_f1(B), F1, rtol=0, atol=0)
+    assert_close(shape.a_to_f2(A), F2, rtol=0, atol=0)
+    comp = composite(F1, F2, s, g)
+    assert_close(shape.untarget(shape.apply(A, B)), comp, rtol=1e-12, atol=1e-12)
+    assert_close(shape.apply(A, B), shape.target(comp), rtol=1e-12, atol=1e-12)
+    U = torch.randn(shape.apply(A, B).shape, generator=gen, dtype=torch.float64)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    (shape.apply(A, B) * U).sum().backward()
+    gA, gB = shape.adjoint(U, A.detach(), B.detach())
+    assert_close(gA, A.grad, rtol=1e-12, atol=1e-12)
+    assert_close(gB, B.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_sketched_residual_is_close_and_exact_when_it_covers_every_output() -> None:
@@ -170,3 +201,19 @@ def test_deepen_grows_on_the_device(device: str) -> None:
     assert {p.device.type for p in child.parameters()} == {device}
     assert {p.dtype for p in child.parameters()} == {torch.float32}
     assert last_report(child).max_rel < 1e-5
+
+
+def test_a_solve_under_inference_mode_leaves_the_matrix_form_usable_by_autograd() -> None:
+    """The tap-scatter matrix is cached: one first built under ``torch.inference_mode`` must
+    still serve a later solve that autograd records (as the benchmark's Adam does)."""
+    _scatter_matrix.cache_clear()
+    G = torch.randn(6, 6, 5, 5, generator=torch.Generator().manual_seed(6),
+                    dtype=torch.float64) * 0.1
+    with torch.inference_mode():
+        F1, F2, rep = decompose(G, 12, (3, 3))
+    assert rep.residual <= 1e-10
+    shape = factor_shape(F1, F2)
+    A = shape.f2_to_a(F2.clone()).requires_grad_(True)
+    loss = (shape.apply(A, shape.f1_to_b(F1.clone())) - shape.target(pad_kernel(G, 5))).pow(2)
+    loss.sum().backward()
+    assert A.grad is not None and A.grad.abs().max() < 1e-8

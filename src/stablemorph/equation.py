@@ -315,7 +315,7 @@ def relative_residual(
             f"composite {(shape.c_out, i, *([shape.kc] * nd))} does not match kernel "
             f"{tuple(G.shape)}"
         )
-    T = G.detach().to(A.device, torch.float64).reshape(g, o, -1)
+    T = G.detach().to(A.device, torch.float64).reshape(g, o, -1)  # (g, o, i K^nd)
     denom = float(T.norm())
     if probes is not None and 0 < probes < o:
         gen = torch.Generator().manual_seed(seed)
@@ -324,9 +324,8 @@ def relative_residual(
         A = (Zt @ A.reshape(g, o, -1)).reshape(g, probes * shape.k2**nd, -1)
         T = Zt @ T
         shape = replace(shape, c_out=probes * g)
-    R = shape.apply(A, B)  # (g, o', i, Kc...): the composite, minus G~ in its centre
-    lo = (shape.kc - k) // 2
-    R[(Ellipsis, *([slice(lo, lo + k)] * nd))] -= T.reshape(R.shape[:3] + G.shape[2:])
+    T = shape.target(pad_kernel(T.reshape(shape.c_out, i, *G.shape[2:]), shape.kc))
+    R = shape.apply(A, B) - T  # (g, o', Kc^nd, i)
     return float(R.norm()) / (denom if denom > 0 else 1.0)
 
 
