@@ -62,6 +62,8 @@ def test_stable_deepen_and_subnet_stay_exact_and_dense_with_an_orthogonal_second
         child = grow(model, LAYER[kind], inputs=x)
         rep = last_report(child)
         assert rep.max_rel <= 1e-6 and rep.zero_fraction == 0.0
+        assert any("re-factored with an orthogonal second factor" in n for n in rep.notes)
+        assert any(n.startswith("step rule: lr multipliers recorded") for n in rep.notes)
         assert rep.near_zero_fraction < 0.01
         with torch.no_grad():
             torch.testing.assert_close(child.eval()(x), ref, rtol=1e-5, atol=1e-6)

@@ -65,6 +65,17 @@ def factor_origins(prefix: str, factors: Factors, parent_bias: str | None,
     return origins
 
 
+def advice_notes(fields: dict[str, Any] | None) -> list[str]:
+    """The report's line on the recorded step rule (none without it)."""
+    advice = (fields or {}).get("lr_advice")
+    if advice is None:
+        return []
+    return [f"step rule: lr multipliers recorded for the factors: sgd {advice['sgd']:.3g}, "
+            f"adaptive {advice['adaptive']:.3g}"
+            + (f" (x the typical Adam step of {fields['lr_reference']})"
+               if fields.get("lr_reference") else "")]
+
+
 def step_rule_fields(child: nn.Module, prefix: str, probe: Any, kernel: int,
                      layer: str | None, parent_params: set[str]) -> dict[str, Any]:
     """The step-rule fields of ``ParamOrigin`` for the block ``prefix`` of ``child``: the
@@ -164,7 +175,8 @@ def deepen(
         fields = step_rule_fields(child, target, probe, geom.kernel if geom.nd else 0, target,
                                   parent_params) if rule else None
         return Surgery(factor_origins(target, factors, bias, fields),
-                       residual=factors.report.residual_cast, notes=factors.notes)
+                       residual=factors.report.residual_cast,
+                       notes=[*factors.notes, *advice_notes(fields)])
 
     kwargs = {"scheme": scheme, "kernel_size": k2, "first_kernel_size": k1, "width": width,
               "activation": activation, "variant": variant, "seed": seed, "step_rule": rule}

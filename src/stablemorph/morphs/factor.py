@@ -94,6 +94,7 @@ class Factors:
     width: int
     kernels: tuple[int, int]
     bias_kept: bool  # F2's bias is the parent's, unchanged
+    orthogonal: bool = False  # re-factored by orthogonalise_ (the stable step rule)
 
     @property
     def notes(self) -> list[str]:
@@ -103,6 +104,8 @@ class Factors:
             f"(float64), {r.residual_cast:.2e} (as stored); width {self.width}, kernels "
             f"{self.kernels}",
             *r.notes,
+            *(["step rule: pointwise pair re-factored with an orthogonal second factor"]
+              if self.orthogonal else []),
         ]
 
 
@@ -216,9 +219,10 @@ def build_factors(
             else:
                 first.bias.zero_()
                 second.bias.copy_(bias)
+    orthogonal = orthogonal and is_pointwise(second)
     if orthogonal:
         orthogonalise_(first, second, generator(seed + 2))
-    return Factors(block, rep, width, (k1, k2), bias_kept)
+    return Factors(block, rep, width, (k1, k2), bias_kept, orthogonal)
 
 
 def is_pointwise(second: nn.Module) -> bool:

@@ -48,7 +48,7 @@ from stablemorph.morphs.contract import (
     get_layer,
     run_morph,
 )
-from stablemorph.morphs.deepen import factor_origins, step_rule_fields
+from stablemorph.morphs.deepen import advice_notes, factor_origins, step_rule_fields
 from stablemorph.morphs.factor import (
     Factors,
     Geometry,
@@ -256,8 +256,9 @@ def insert_subnet(
         if isinstance(old, _LAYERS):
             adopt(factors.block, old)
             set_module(child, target, ResidualBranch(factors.block, share, shortcut=old))
-            origins = factor_origins(f"{target}.branch", factors, None,
-                                     fields(f"{target}.branch"))
+            found = fields(f"{target}.branch")
+            origins = factor_origins(f"{target}.branch", factors, None, found)
+            notes += advice_notes(found)
             named = dict(child.named_parameters())  # a tied weight is listed once, elsewhere
             for n, _ in old.named_parameters():
                 if f"{target}.shortcut.{n}" in named:
@@ -275,7 +276,9 @@ def insert_subnet(
             set_module(child, target, rebuilt)
             prefix = f"{target}.{name}.branch"
         notes.insert(0, f"identity shortcut of {target!r} split into {share} * x + a branch")
-        return Surgery(factor_origins(prefix, factors, None, fields(prefix)),
+        found = fields(prefix)
+        notes += advice_notes(found)
+        return Surgery(factor_origins(prefix, factors, None, found),
                        residual=factors.report.residual_cast, notes=notes)
 
     return run_morph("insert_subnet", model, target, scheme, kwargs, surgery, inputs,
