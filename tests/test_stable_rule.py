@@ -270,3 +270,21 @@ def test_new_entries_of_stable_morphs_start_at_their_stand_ins_typical_adam_step
     trained(model, sgd, x, y)
     deep = deepen(model, "fc1", inputs=x)
     assert group_lr(transfer_optimizer(sgd, model, deep), deep.fc1.act.a) == 0.1
+
+
+def test_an_identity_shortcut_branch_takes_the_adaptive_figure_alone() -> None:
+    """A subnet on a residual block's identity stands for no parent layer: multipliers
+    recorded, no reference step and no state mapping."""
+    torch.manual_seed(0)
+    model = build_model("resnet", in_channels=1, num_classes=5, widths=[4, 8], layers=[1, 1])
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 5, (4,))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    trained(model, opt, x, y, steps=2)
+    child = insert_subnet(model, "layer1.0", inputs=x)
+    origin = last_report(child).param_map["layer1.0.shortcut.branch.first.weight"]
+    assert origin.lr_advice is not None and origin.lr_reference is None
+    assert origin.factor is None
+    new = transfer_optimizer(opt, model, child)
+    first = child.get_parameter("layer1.0.shortcut.branch.first.weight")
+    assert group_lr(new, first) == pytest.approx(0.01 * origin.lr_advice["adaptive"])
+    assert (new.state[first]["exp_avg"] == 0).all()  # the fresh parameter's borrowed state
