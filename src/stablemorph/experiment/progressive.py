@@ -60,6 +60,7 @@ from stablemorph.transformer.text import (
 from stablemorph.transformer.train import OptimConfig, evaluate, lm_loss, make_adamw
 
 EXACT = ("stable", "net2net", "netmorph")
+LR_SCHEDULES = ("constant", "cosine")
 ARMS = ("scratch", *EXACT, "stack", "random", "plateau")
 
 
@@ -84,6 +85,7 @@ class ProgressiveConfig:
     arms: tuple[str, ...] = ARMS
     max_chars: int = 400_000
     plateau_patience: int = 3
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("budget_steps", "eval_every", "batch_size", "d_model", "n_head"):
@@ -95,6 +97,9 @@ class ProgressiveConfig:
             if len(fr) != len(self.layers) - 1 or list(fr) != sorted(fr) or not 0 < fr[0]:
                 raise ValueError(f"stage fractions {fr} must be increasing, in (0, 1), one per "
                                  f"growth ({len(self.layers) - 1})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got "
+                             f"{self.lr_schedule!r}")
         unknown = set(self.arms) - set(ARMS) - {_timing_name(t) for t in self.timing}
         if unknown:
             raise ValueError(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
@@ -105,6 +110,17 @@ class ProgressiveConfig:
     def gpt(self, n_layer: int) -> GPTConfig:
         return GPTConfig.uniform(vocab_size=VOCAB_SIZE, block_size=self.block_size,
                                  d_model=self.d_model, n_layer=n_layer, n_head=self.n_head)
+
+
+def lr_factor(schedule: str, step: int, warmup: int, spent: float) -> float:
+    """The rate's multiplier at global step ``step`` after spending the fraction ``spent`` of
+    the FLOPs budget: a linear warm-up over ``warmup`` steps, then 1 (``"constant"``) or a
+    cosine from 1 to 0 over the budget (``"cosine"``). The cosine runs on FLOPs, not steps,
+    so that every arm, whatever its step cost, ends its schedule at the same budget."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if schedule == "constant":
+        return warm
+    return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, spent))))
 
 
 def _timing_name(fractions: Sequence[float]) -> str:
@@ -226,8 +242,9 @@ def run_arm(cfg: ProgressiveConfig, arm: str, seed: int, corpus, val, budget: in
         started = time.perf_counter()
         if step in stages:
             grow(stages[step])
+        rate = cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.warmup_steps, meter.total / budget)
         for group in optimizer.param_groups:
-            group["lr"] = opt_cfg.lr_at(step)
+            group["lr"] = rate
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         x, y = random_windows(corpus.train, cfg.batch_size, cfg.block_size, gen)
         loss_t = lm_loss(model, x, y)
@@ -410,7 +427,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--d-model", type=int, default=d.d_model)
     parser.add_argument("--seeds", type=int, default=len(d.seeds))
     parser.add_argument("--arms", nargs="+", default=list(d.arms), choices=ARMS)
+    parser.add_argument("--timing", nargs="*", default=[",".join(map(str, t)) for t in d.timing],
+                        help="extra stable arms growing at other fractions, e.g. 0.3,0.5 "
+                             "(default: %(default)s)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                        help="after the warm-up: constant, or a cosine to 0 over the FLOPs "
+                             "budget for every arm (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise ValueError(f"--timing {text!r}: give fractions separated by commas, e.g. "
+                         f"0.3,0.5") from None
 
 
 def run_from_args(args) -> int:
@@ -423,7 +454,9 @@ def run_from_args(args) -> int:
     torch.set_num_threads(args.threads)
     cfg = ProgressiveConfig(layers=tuple(args.layers), stage_fractions=tuple(args.stages),
                             budget_steps=args.budget_steps, d_model=args.d_model,
-                            seeds=tuple(range(args.seeds)), arms=tuple(args.arms))
+                            seeds=tuple(range(args.seeds)), arms=tuple(args.arms),
+                            timing=tuple(_fractions(t) for t in args.timing),
+                            lr_schedule=args.lr_schedule)
     prog = sys.argv[0] if sys.argv[0].endswith("benchmarks/progressive.py") else "stablemorph"
     run(cfg, args.out, " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]))
     print((args.out / "progressive.md").read_text())
