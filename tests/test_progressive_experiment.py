@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from stablemorph.experiment.progressive import (
     run,
     stack_blocks,
 )
+from stablemorph.experiment.progressive_tasks import Stage, make_task
 from stablemorph.transformer.model import GPT
 
 
@@ -35,7 +38,7 @@ def test_run_writes_report_and_spends_the_same_budget(tmp_path):
     for key, curve in runs.items():
         flops = curve["points"][-1][1]
         assert budget <= flops < budget * 1.1, key  # every arm stops at the same budget
-    assert [n for _, n in runs["stable/0"]["growths"]] == [2, 4]
+    assert [n for _, n in runs["stable/0"]["growths"]] == ["2L x1", "4L x1"]
     # Exact growth: the loss at the growth step is the loss just before it.
     assert summary["stable"]["spike"][0] >= 0.0
     again = run(_tiny(), tmp_path)  # resumed: nothing re-run, same summary
@@ -45,7 +48,9 @@ def test_run_writes_report_and_spends_the_same_budget(tmp_path):
 def test_anchors_are_not_exact_but_keep_the_parent_blocks():
     torch.manual_seed(0)
     cfg = _tiny()
-    parent = GPT(cfg.gpt(2))
+    parent = GPT(make_task(dataclasses.replace(cfg, layers=(2, 4), stage_fractions=(0.2,),
+                                               timing=()))
+                 .config(Stage(2, 1.0)))
     x = torch.randint(0, 97, (2, 16))
     stacked = stack_blocks(parent, 4)
     torch.testing.assert_close(stacked.blocks[2].attn.q.weight, parent.blocks[0].attn.q.weight)

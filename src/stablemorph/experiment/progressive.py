@@ -37,42 +37,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from stablemorph.experiment.progressive_tasks import (
+    ANCHORS,
+    EXACT,
+    TASKS,
+    Task,
+    block_slots,
+    check_stages,
+    make_task,
+)
+from stablemorph.experiment.train import loss_fn
 from stablemorph.flops import FlopMeter
 from stablemorph.progressive import PlateauTrigger, grow_in_place
-from stablemorph.record import (
-    HISTORY_ATTR,
-    MorphRecord,
-    MorphReport,
-    ParamOrigin,
-    append_record,
-    history,
-)
-from stablemorph.transformer.depth import insert_block
-from stablemorph.transformer.grow import insertion_points
-from stablemorph.transformer.model import GPT, GPTConfig
-from stablemorph.transformer.text import (
-    VOCAB_SIZE,
-    fixed_windows,
-    load_stdlib_corpus,
-    random_windows,
-)
-from stablemorph.transformer.train import OptimConfig, evaluate, lm_loss, make_adamw
+from stablemorph.transformer.train import OptimConfig, make_adamw
 
-EXACT = ("stable", "net2net", "netmorph")
+ARMS = ("scratch", *EXACT, *ANCHORS, "plateau")
 LR_SCHEDULES = ("constant", "cosine")
-ARMS = ("scratch", *EXACT, "stack", "random", "plateau")
 
 
 @dataclass
 class ProgressiveConfig:
-    """Sizes, budget and schedule of the comparison (defaults: minutes on 2 CPU cores)."""
+    """Task, sizes, budget and schedule of the comparison (defaults: minutes on 2 CPU cores).
 
+    ``layers`` and ``widths`` give the model at the start and after each growth (depth; width
+    multiplier of the start model, ``None``: depth only); see
+    :mod:`stablemorph.experiment.progressive_tasks`."""
+
+    task: str = "gpt"
     d_model: int = 48
     n_head: int = 4
     block_size: int = 48
     batch_size: int = 16
     layers: tuple[int, ...] = (2, 4, 8)
+    widths: tuple[float, ...] | None = None
     budget_steps: int = 1200
     stage_fractions: tuple[float, ...] = (0.15, 0.3)
     timing: tuple[tuple[float, ...], ...] = ((0.3, 0.5), (0.45, 0.7))
@@ -86,15 +85,22 @@ class ProgressiveConfig:
     max_chars: int = 400_000
     plateau_patience: int = 3
     lr_schedule: str = "constant"
+    cnn_widths: tuple[int, ...] = (8, 16)
+    dataset: str = "fashion-mnist"
+    limit_test: int | None = 2000
 
     def __post_init__(self) -> None:
         for name in ("budget_steps", "eval_every", "batch_size", "d_model", "n_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if list(self.layers) != sorted(set(self.layers)) or len(self.layers) < 2:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.widths is None and list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must grow strictly, e.g. (2, 4, 8); got {self.layers}")
+        check_stages(self.layers, self.widths or (1.0,) * len(self.layers))
         for fr in (self.stage_fractions, *self.timing):
-            if len(fr) != len(self.layers) - 1 or list(fr) != sorted(fr) or not 0 < fr[0]:
+            if len(fr) != len(self.layers) - 1 or list(fr) != sorted(fr) or not 0 < fr[0] \
+                    or fr[-1] >= 1:
                 raise ValueError(f"stage fractions {fr} must be increasing, in (0, 1), one per "
                                  f"growth ({len(self.layers) - 1})")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -106,10 +112,6 @@ class ProgressiveConfig:
 
     def all_arms(self) -> list[str]:
         return [*self.arms, *(_timing_name(t) for t in self.timing)]
-
-    def gpt(self, n_layer: int) -> GPTConfig:
-        return GPTConfig.uniform(vocab_size=VOCAB_SIZE, block_size=self.block_size,
-                                 d_model=self.d_model, n_layer=n_layer, n_head=self.n_head)
 
 
 def lr_factor(schedule: str, step: int, warmup: int, spent: float) -> float:
@@ -127,65 +129,21 @@ def _timing_name(fractions: Sequence[float]) -> str:
     return "stable@" + ",".join(f"{f:g}" for f in fractions)
 
 
-# --- the non-preserving anchors, as records so that the optimiser transfer treats them alike
+def stack_blocks(model: nn.Module, n_layer: int, seed: int = 0) -> nn.Module:
+    """G_stack on the project's GPT: the parent's blocks repeated in order until ``n_layer``
+    (a multiple)."""
+    from stablemorph.experiment.progressive_tasks import _rebuild_gpt
+
+    return _rebuild_gpt(model, block_slots(model.config.n_layer, n_layer, "stack"), "stack",
+                        seed)
 
 
-def _rebuild(model: GPT, n_layer: int, source_of: Callable[[int], int | None],
-             op: str, seed: int) -> GPT:
-    """A GPT with ``n_layer`` blocks; block ``i`` copies parent block ``source_of(i)`` or, for
-    ``None``, keeps a fresh random initialisation (GPT-2's, seeded)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        child = GPT(dataclasses.replace(model.config,
-                                        blocks=(model.config.blocks[0],) * n_layer))
-    parent = dict(model.named_parameters())
-    origins: dict[str, ParamOrigin] = {}
-    with torch.no_grad():
-        for name, p in child.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "blocks":
-                src = source_of(int(parts[1]))
-                if src is None:
-                    origins[name] = ParamOrigin(None)
-                    continue
-                parts[1] = str(src)
-            source = ".".join(parts)
-            p.copy_(parent[source])
-            origins[name] = ParamOrigin(source)
-    object.__setattr__(child, HISTORY_ATTR, history(model))
-    report = MorphReport(op=op, target="blocks", scheme=op, changed=[
-        n for n, o in origins.items() if o.source is None], param_map=origins,
-        notes=["not function-preserving (an anchor of the progressive benchmark)"])
-    append_record(child, MorphRecord(op, "blocks", {"n_layer": n_layer, "seed": seed}, report))
-    return child
+def random_blocks(model: nn.Module, n_layer: int, seed: int = 0) -> nn.Module:
+    """New randomly initialised GPT blocks at the places the exact schemes insert theirs."""
+    from stablemorph.experiment.progressive_tasks import _rebuild_gpt
 
-
-def stack_blocks(model: GPT, n_layer: int, seed: int = 0) -> GPT:
-    """G_stack: the parent's blocks repeated in order until ``n_layer`` (a multiple)."""
-    n = model.config.n_layer
-    if n_layer % n:
-        raise ValueError(f"stack_blocks: {n_layer} is not a multiple of {n}")
-    return _rebuild(model, n_layer, lambda i: i % n, "stack", seed)
-
-
-def random_blocks(model: GPT, n_layer: int, seed: int = 0) -> GPT:
-    """New randomly initialised blocks at the places the exact schemes insert theirs."""
-    n = model.config.n_layer
-    slots: list[int | None] = list(range(n))
-    for index in insertion_points(n, n_layer - n):
-        slots.insert(index, None)
-    return _rebuild(model, n_layer, lambda i: slots[i], "random", seed)
-
-
-def growths_to(arm: str, model: GPT, n_layer: int, seed: int) -> list[Callable[[GPT], GPT]]:
-    """The in-place growth steps (one morph each) that take ``model`` to ``n_layer`` blocks."""
-    n = model.config.n_layer
-    if arm in ("stack", "random"):
-        make = stack_blocks if arm == "stack" else random_blocks
-        return [lambda m: make(m, n_layer, seed)]
-    scheme = "stable" if arm == "plateau" or arm.startswith("stable@") else arm
-    return [lambda m, i=i, r=r: insert_block(m, i, scheme=scheme, seed=seed + r)
-            for r, i in enumerate(insertion_points(n, n_layer - n))]
+    return _rebuild_gpt(model, block_slots(model.config.n_layer, n_layer, "random"),
+                        "random", seed)
 
 
 # --- one run
@@ -193,61 +151,66 @@ def growths_to(arm: str, model: GPT, n_layer: int, seed: int) -> list[Callable[[
 
 @dataclass
 class Curve:
-    """Evaluations of one (arm, seed): step, cumulative FLOPs, seconds, validation loss."""
+    """Evaluations of one (arm, seed): step, cumulative FLOPs, seconds, evaluation loss,
+    accuracy (per token for the language models)."""
 
     arm: str
     seed: int
-    points: list[tuple[int, int, float, float]] = field(default_factory=list)
-    growths: list[tuple[int, int]] = field(default_factory=list)  # (step, layers after)
+    points: list[tuple[int, int, float, float, float]] = field(default_factory=list)
+    growths: list[tuple[int, str]] = field(default_factory=list)  # (step, sizes after)
 
 
-def run_arm(cfg: ProgressiveConfig, arm: str, seed: int, corpus, val, budget: int) -> Curve:
-    """Train one arm until its FLOPs reach ``budget``."""
-    start_layers = cfg.layers[-1] if arm == "scratch" else cfg.layers[0]
-    torch.manual_seed(seed)
-    model = GPT(cfg.gpt(start_layers))
-    opt_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size)
-    optimizer = make_adamw(model, opt_cfg)
+def _stages_of(cfg: ProgressiveConfig, arm: str) -> tuple[dict[int, int], PlateauTrigger | None]:
+    """Global step -> stage index of the fixed schedule, or the plateau trigger."""
+    if arm == "scratch":
+        return {}, None
+    if arm == "plateau":
+        trigger = PlateauTrigger(list(range(1, len(cfg.layers))),
+                                 patience=cfg.plateau_patience, min_delta=0.01)
+        return {}, trigger
     fractions = cfg.stage_fractions
     for t in cfg.timing:
         if arm == _timing_name(t):
             fractions = t
-    stages = {round(f * cfg.budget_steps): n for f, n in zip(fractions, cfg.layers[1:],
-                                                              strict=True)}
-    trigger = None
-    if arm == "plateau":
-        stages = {}
-        trigger = PlateauTrigger([{"layers": n} for n in cfg.layers[1:]],
-                                 patience=cfg.plateau_patience, min_delta=0.01)
+    return {round(f * cfg.budget_steps): i + 1 for i, f in enumerate(fractions)}, None
+
+
+def run_arm(cfg: ProgressiveConfig, task: Task, arm: str, seed: int, budget: int) -> Curve:
+    """Train one arm until its FLOPs reach ``budget``."""
+    model = task.build(seed, final=arm == "scratch")
+    optimizer = make_adamw(model, OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                              batch_size=cfg.batch_size))
+    stages, trigger = _stages_of(cfg, arm)
     meter, curve = FlopMeter(), Curve(arm, seed)
     seconds = 0.0  # training and growth time; evaluations are not counted
-    step = 0
+    step, grown = 0, 0
 
-    def grow(n_layer: int) -> None:
-        for growth in growths_to(arm, model, n_layer, seed):
+    def grow(stage: int) -> None:
+        for growth in task.growths(arm, model, stage, seed):
             grow_in_place(model, growth, optimizer)
-        curve.growths.append((step, model.config.n_layer))
+        s = task.stages[stage]
+        curve.growths.append((step, f"{s.layers}L x{s.width:g}"))
 
     while True:
         spent = meter.total >= budget
         if step % cfg.eval_every == 0 or spent:
-            loss = evaluate(model, val)
-            curve.points.append((step, meter.total, seconds, loss))
-            if trigger is not None and model.config.n_layer < cfg.layers[-1]:
+            loss, acc = task.evaluate(model)
+            curve.points.append((step, meter.total, seconds, loss, acc))
+            if trigger is not None and grown < len(task.stages) - 1:
                 fired = trigger.observe(loss)
                 if fired is not None:
-                    stages[step] = int(fired["layers"])
+                    stages[step] = int(fired)
         if spent:
             break
         started = time.perf_counter()
         if step in stages:
-            grow(stages[step])
+            grown = stages[step]
+            grow(grown)
         rate = cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.warmup_steps, meter.total / budget)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x, y = random_windows(corpus.train, cfg.batch_size, cfg.block_size, gen)
-        loss_t = lm_loss(model, x, y)
+        x, y = task.batch(step, seed)
+        loss_t = loss_fn(task.logits(model, x), y)
         optimizer.zero_grad(set_to_none=True)
         loss_t.backward()
         optimizer.step()
@@ -258,35 +221,37 @@ def run_arm(cfg: ProgressiveConfig, arm: str, seed: int, corpus, val, budget: in
 
 
 SMOOTH = 3  # evaluations averaged: single evaluations wobble by about 0.01 nats
+LOSS, ACC = 3, 4  # columns of Curve.points
 
 
-def _smoothed(curve: Curve) -> list[tuple[int, float, float]]:
-    """(FLOPs, seconds, mean loss of the last ``SMOOTH`` evaluations) at each evaluation."""
-    losses = [p[3] for p in curve.points]
-    return [(p[1], p[2], statistics.fmean(losses[max(0, i - SMOOTH + 1):i + 1]))
+def _smoothed(curve: Curve, col: int = LOSS) -> list[tuple[int, float, float]]:
+    """(FLOPs, seconds, mean of column ``col`` over the last ``SMOOTH`` evaluations) at each
+    evaluation."""
+    values = [p[col] for p in curve.points]
+    return [(p[1], p[2], statistics.fmean(values[max(0, i - SMOOTH + 1):i + 1]))
             for i, p in enumerate(curve.points)]
 
 
-def _target(scratch: Curve) -> float:
-    """The scratch arm's final loss: the mean of its last ``SMOOTH`` evaluations."""
-    return _smoothed(scratch)[-1][2]
+def _target(scratch: Curve, col: int = LOSS) -> float:
+    """The scratch arm's final loss (accuracy): the mean of its last ``SMOOTH`` evaluations."""
+    return _smoothed(scratch, col)[-1][2]
 
 
-def _reach(curve: Curve, target: float) -> tuple[int, float] | None:
+def _reach(curve: Curve, target: float, col: int = LOSS) -> tuple[int, float] | None:
     """FLOPs and seconds at the first evaluation whose smoothed loss is at or below
-    ``target``."""
-    for flops, seconds, loss in _smoothed(curve):
-        if loss <= target:
+    ``target`` (accuracy: at or above)."""
+    for flops, seconds, value in _smoothed(curve, col):
+        if (value <= target) if col == LOSS else (value >= target):
             return flops, seconds
     return None
 
 
 def _spike(curve: Curve, window: int) -> float:
-    """Largest validation-loss rise within ``window`` steps after any growth (0 if none)."""
+    """Largest evaluation-loss rise within ``window`` steps after any growth (0 if none)."""
     worst = 0.0
     for g_step, _ in curve.growths:
-        at = [loss for s, _, _, loss in curve.points if s <= g_step]
-        after = [loss for s, _, _, loss in curve.points if g_step < s <= g_step + window]
+        at = [p[LOSS] for p in curve.points if p[0] <= g_step]
+        after = [p[LOSS] for p in curve.points if g_step < p[0] <= g_step + window]
         if at and after:
             worst = max(worst, max(after) - at[-1])
     return worst
@@ -295,7 +260,13 @@ def _spike(curve: Curve, window: int) -> float:
 def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
         log: Callable[[str], None] = print) -> dict:
     """Every (arm, seed); write ``progressive.md``, ``progressive.png``, ``progressive.json``
-    to ``out_dir``; return the summary. Finished runs in ``progressive.json`` are reused."""
+    to ``out_dir``; return the summary. Finished runs in ``progressive.json`` are reused.
+
+    Refuses, before any training, a plan the task cannot grow: each arm's growths are run
+    once on a start model (:meth:`stablemorph.progressive.GrowthSchedule.check`'s rule)."""
+    task = make_task(cfg)
+    task.check(cfg.all_arms())
+    _dry_run(cfg, task)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "progressive.json"
     done: dict[str, dict] = {}
@@ -303,26 +274,41 @@ def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
         saved = json.loads(store.read_text())
         if saved.get("config") == _config_json(cfg):
             done = saved["runs"]
-    corpus = load_stdlib_corpus(max_chars=cfg.max_chars)
-    val = fixed_windows(corpus.val, cfg.eval_windows, cfg.block_size)
-    probe = GPT(cfg.gpt(cfg.layers[-1]))
-    x, _ = random_windows(corpus.train, cfg.batch_size, cfg.block_size,
-                          torch.Generator().manual_seed(0))
-    budget = FlopMeter().per_step(probe, x) * cfg.budget_steps
+    x, _ = task.batch(0, 0)
+    budget = FlopMeter().per_step(task.build(0, final=True), x) * cfg.budget_steps
     for seed in cfg.seeds:
         for arm in cfg.all_arms():
             key = f"{arm}/{seed}"
             if key in done:
                 continue
             t0 = time.perf_counter()
-            curve = run_arm(cfg, arm, seed, corpus, val, budget)
+            curve = run_arm(cfg, task, arm, seed, budget)
             done[key] = dataclasses.asdict(curve)
             store.write_text(json.dumps({"config": _config_json(cfg), "runs": done}))
-            log(f"{key}: final loss {curve.points[-1][3]:.4f}, {len(curve.points)} evals, "
+            log(f"{key}: final loss {curve.points[-1][LOSS]:.4f}, accuracy "
+                f"{curve.points[-1][ACC]:.4f}, {len(curve.points)} evals, "
                 f"{time.perf_counter() - t0:.0f}s")
-    summary = summarise(cfg, {k: Curve(**v) for k, v in done.items()})
-    write_report(cfg, summary, {k: Curve(**v) for k, v in done.items()}, out_dir, command)
+    curves = {k: Curve(**v) for k, v in done.items()}
+    summary = summarise(cfg, curves)
+    write_report(cfg, task, summary, curves, out_dir, command)
     return summary
+
+
+def _dry_run(cfg: ProgressiveConfig, task: Task) -> None:
+    """Grow a start model through every stage with each arm's growths (one arm per growth
+    kind), so that a plan the model cannot take fails before training, naming the stage."""
+    kinds = {"stable" if a == "plateau" or a.startswith("stable@") else a
+             for a in cfg.all_arms() if a != "scratch"}
+    for arm in sorted(kinds):
+        model = task.build(0, final=False)
+        for stage in range(1, len(task.stages)):
+            try:
+                for growth in task.growths(arm, model, stage, 0):
+                    model = growth(model)
+            except Exception as err:
+                raise ValueError(f"{task.name}: arm {arm}, growth {stage} (to "
+                                 f"{task.stages[stage]}): the model cannot take it: "
+                                 f"{type(err).__name__}: {err}") from err
 
 
 def _config_json(cfg: ProgressiveConfig) -> dict:
@@ -335,89 +321,138 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _saved(curve: Curve, scratch: Curve, col: int) -> tuple[float, float] | None:
+    """% FLOPs and % seconds saved by ``curve`` to reach scratch's final value of ``col``,
+    against what scratch needed to reach it; ``None`` if ``curve`` never reaches it."""
+    target = _target(scratch, col)
+    hit, base = _reach(curve, target, col), _reach(scratch, target, col)
+    if hit is None or base is None:
+        return None
+    return 100 * (1 - hit[0] / base[0]), 100 * (1 - hit[1] / base[1])
+
+
 def summarise(cfg: ProgressiveConfig, curves: dict[str, Curve]) -> dict:
-    """Per arm: final loss, % FLOPs / time saved to reach scratch's final loss, spike."""
+    """Per arm: final loss and accuracy, % FLOPs / time saved to reach scratch's final loss
+    (and accuracy), the paired difference of FLOPs saved against stable, spike."""
     out: dict[str, dict] = {}
     for arm in cfg.all_arms():
-        finals, flops_saved, time_saved, spikes, reached = [], [], [], [], 0
+        row: dict[str, list[float]] = {k: [] for k in (
+            "final", "final_acc", "flops_saved", "time_saved", "acc_flops_saved",
+            "acc_time_saved", "spike", "vs_stable")}
+        reached = acc_reached = seeds = 0
         for seed in cfg.seeds:
             curve, scratch = curves.get(f"{arm}/{seed}"), curves.get(f"scratch/{seed}")
             if curve is None or scratch is None:
                 continue
-            finals.append(curve.points[-1][3])
-            spikes.append(_spike(curve, cfg.spike_window))
-            target = _target(scratch)
-            hit, base = _reach(curve, target), _reach(scratch, target)
-            if hit is not None and base is not None:
+            seeds += 1
+            row["final"].append(curve.points[-1][LOSS])
+            row["final_acc"].append(curve.points[-1][ACC])
+            row["spike"].append(_spike(curve, cfg.spike_window))
+            saved = _saved(curve, scratch, LOSS)
+            if saved is not None:
                 reached += 1
-                flops_saved.append(100 * (1 - hit[0] / base[0]))
-                time_saved.append(100 * (1 - hit[1] / base[1]))
-        out[arm] = {"final": _mean_sd(finals), "flops_saved": _mean_sd(flops_saved),
-                    "time_saved": _mean_sd(time_saved), "spike": _mean_sd(spikes),
-                    "reached": reached, "seeds": len(finals)}
+                row["flops_saved"].append(saved[0])
+                row["time_saved"].append(saved[1])
+                stable = curves.get(f"stable/{seed}")
+                base = _saved(stable, scratch, LOSS) if stable is not None else None
+                if base is not None:
+                    row["vs_stable"].append(saved[0] - base[0])
+            saved = _saved(curve, scratch, ACC)
+            if saved is not None:
+                acc_reached += 1
+                row["acc_flops_saved"].append(saved[0])
+                row["acc_time_saved"].append(saved[1])
+        out[arm] = {k: _mean_sd(v) for k, v in row.items()}
+        out[arm].update(reached=reached, acc_reached=acc_reached, seeds=seeds,
+                        per_seed_flops_saved=row["flops_saved"])
     return out
 
 
-def write_report(cfg: ProgressiveConfig, summary: dict, curves: dict[str, Curve],
+def write_report(cfg: ProgressiveConfig, task: Task, summary: dict, curves: dict[str, Curve],
                  out_dir: Path, command: str = "") -> None:
-    """``progressive.md`` (table, settings, machine) and ``progressive.png`` (loss against
-    FLOPs and against seconds, mean over seeds per arm)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for arm in cfg.all_arms():
-        runs = [curves[f"{arm}/{s}"] for s in cfg.seeds if f"{arm}/{s}" in curves]
-        if not runs:
-            continue
-        n = min(len(r.points) for r in runs)
-        for ax, col in zip(axes, (1, 2), strict=True):
-            xs = [statistics.fmean(r.points[i][col] for r in runs) for i in range(n)]
-            ys = [statistics.fmean(r.points[i][3] for r in runs) for i in range(n)]
-            ax.plot(xs, ys, label=arm, lw=2 if arm in ("stable", "scratch") else 1)
-    axes[0].set_xlabel("training FLOPs")
-    axes[1].set_xlabel("seconds")
-    for ax in axes:
-        ax.set_ylabel("validation loss (nats/char)")
-        ax.set_ylim(top=2.8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "progressive.png", dpi=110)
-    plt.close(fig)
+    """``progressive.md`` (table, settings, machine) and ``progressive.png`` (loss and
+    accuracy against FLOPs, loss against seconds, mean over seeds per arm)."""
+    _plot(cfg, task, curves, out_dir / "progressive.png")
 
     def fmt(ms: tuple[float, float], digits: int = 3) -> str:
         m, s = ms
         return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
+    sizes = " -> ".join(f"{s.layers}L x{s.width:g}" for s in task.stages)
     lines = [
-        "# Progressive growth vs the large model from scratch (char-level GPT)", "",
+        f"# Progressive growth vs the large model from scratch ({task.name})", "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch "
-        f"{torch.__version__}, {time.strftime('%Y-%m-%d')}.", "",
-        f"GPT d_model={cfg.d_model}, {cfg.n_head} heads, context {cfg.block_size}, batch "
-        f"{cfg.batch_size}; layers {' -> '.join(map(str, cfg.layers))}; budget: the FLOPs of "
-        f"{cfg.budget_steps} steps of the {cfg.layers[-1]}-layer model; growth at "
+        f"{torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
+        f"{task.describe()}; sizes {sizes} (layers, width multiplier); budget: the FLOPs of "
+        f"{cfg.budget_steps} steps of the largest model; growth at "
         f"{', '.join(f'{f:g}' for f in cfg.stage_fractions)} of {cfg.budget_steps} steps; "
-        f"AdamW lr {cfg.lr}, warm-up {cfg.warmup_steps}, constant after; seeds {list(cfg.seeds)}.",
-        "", "| arm | final val loss | FLOPs saved to scratch's final loss | time saved | "
-        "seeds reaching it | largest rise after a growth |", "|---|---|---|---|---|---|",
+        f"AdamW lr {cfg.lr}, warm-up {cfg.warmup_steps}, then {cfg.lr_schedule}"
+        f"{' to 0 over the FLOPs budget' if cfg.lr_schedule == 'cosine' else ''}; "
+        f"seeds {list(cfg.seeds)}. Loss and accuracy: {task.metric} (accuracy per token for "
+        f"the language models).", "",
+        "| arm | final loss | final accuracy | FLOPs saved to scratch's final loss | time saved "
+        "| seeds reaching it | FLOPs saved minus stable's (paired) | FLOPs saved to scratch's "
+        "final accuracy | largest rise after a growth |", "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, row in summary.items():
-        lines.append(f"| {arm} | {fmt(row['final'])} | {fmt(row['flops_saved'], 1)} % | "
-                     f"{fmt(row['time_saved'], 1)} % | {row['reached']}/{row['seeds']} | "
-                     f"{fmt(row['spike'])} |")
+        lines.append(
+            f"| {arm} | {fmt(row['final'])} | {fmt(row['final_acc'])} | "
+            f"{fmt(row['flops_saved'], 1)} % | {fmt(row['time_saved'], 1)} % | "
+            f"{row['reached']}/{row['seeds']} | {fmt(row['vs_stable'], 1)} | "
+            f"{fmt(row['acc_flops_saved'], 1)} % ({row['acc_reached']}/{row['seeds']}) | "
+            f"{fmt(row['spike'])} |")
     if command:
         lines += ["", "Command:", "", f"    {command}"]
     (out_dir / "progressive.md").write_text("\n".join(lines) + "\n")
 
 
+def _plot(cfg: ProgressiveConfig, task: Task, curves: dict[str, Curve], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ((1, LOSS, "training FLOPs", task.metric), (2, LOSS, "seconds", task.metric),
+              (1, ACC, "training FLOPs", "accuracy"))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for arm in cfg.all_arms():
+        runs = [curves[f"{arm}/{s}"] for s in cfg.seeds if f"{arm}/{s}" in curves]
+        if not runs:
+            continue
+        n = min(len(r.points) for r in runs)
+        for ax, (xcol, ycol, _, _) in zip(axes, panels, strict=True):
+            xs = [statistics.fmean(r.points[i][xcol] for r in runs) for i in range(n)]
+            ys = [statistics.fmean(r.points[i][ycol] for r in runs) for i in range(n)]
+            ax.plot(xs, ys, label=arm, lw=2 if arm in ("stable", "scratch") else 1)
+    for ax, (_, ycol, xlabel, ylabel) in zip(axes, panels, strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        finals = [c.points[-1][ycol] for c in curves.values()]
+        if finals and ycol == LOSS:
+            ax.set_ylim(min(finals) - 0.05, max(finals) + 0.6)
+        elif finals:
+            ax.set_ylim(max(0.0, min(finals) - 0.15), max(finals) + 0.02)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"progressive growth ({task.name}), mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def add_arguments(parser) -> None:
     """The options of ``stablemorph progressive`` (an ``argparse`` sub-parser)."""
     d = ProgressiveConfig()
+    parser.add_argument("--task", choices=TASKS, default=d.task,
+                        help="gpt: the project's char-level GPT; llama: a tiny HF "
+                             "LlamaForCausalLM on the same text; cnn: the zoo CNN on "
+                             "Fashion-MNIST (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/progressive"))
     parser.add_argument("--layers", type=int, nargs="+", default=list(d.layers),
-                        help="depth at the start, after each growth (default: %(default)s)")
+                        help="depth at the start, after each growth (cnn: convolutions; "
+                             "default: %(default)s)")
+    parser.add_argument("--widths", type=float, nargs="+", default=None,
+                        help="width multiplier at the start (1) and after each growth, e.g. "
+                             "1 1 2 (default: depth only)")
     parser.add_argument("--stages", type=float, nargs="+", default=list(d.stage_fractions),
                         help="growth steps as fractions of --budget-steps (default: "
                              "%(default)s)")
@@ -425,8 +460,17 @@ def add_arguments(parser) -> None:
                         help="FLOPs budget: this many steps of the largest model "
                              "(default: %(default)s)")
     parser.add_argument("--d-model", type=int, default=d.d_model)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--cnn-widths", type=int, nargs="+", default=list(d.cnn_widths),
+                        help="cnn: channels of the start model's convolutions "
+                             "(default: %(default)s)")
+    parser.add_argument("--dataset", default=d.dataset,
+                        help="cnn: the data set (default: %(default)s; digits if absent)")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--seeds", type=int, default=len(d.seeds))
-    parser.add_argument("--arms", nargs="+", default=list(d.arms), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=None, choices=ARMS,
+                        help="default: every arm the task has")
     parser.add_argument("--timing", nargs="*", default=[",".join(map(str, t)) for t in d.timing],
                         help="extra stable arms growing at other fractions, e.g. 0.3,0.5 "
                              "(default: %(default)s)")
@@ -444,17 +488,33 @@ def _fractions(text: str) -> tuple[float, ...]:
                          f"0.3,0.5") from None
 
 
+def _default_arms(task: str) -> tuple[str, ...]:
+    return tuple(a for a in ARMS if not (task == "cnn" and a == "stack"))
+
+
 def run_from_args(args) -> int:
     """``stablemorph progressive``: run, write the report, print its table."""
     import shlex
     import sys
 
+    from stablemorph.experiment.data import default_dataset_name
+
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    dataset = args.dataset
+    if args.task == "cnn" and dataset == "fashion-mnist" and default_dataset_name() == "digits":
+        print("Fashion-MNIST is not installed: running on scikit-learn's 8x8 digits "
+              "(apt-get install dataset-fashion-mnist for the real cell)", flush=True)
+        dataset = "digits"
     torch.set_num_threads(args.threads)
-    cfg = ProgressiveConfig(layers=tuple(args.layers), stage_fractions=tuple(args.stages),
+    cfg = ProgressiveConfig(task=args.task, layers=tuple(args.layers),
+                            widths=None if args.widths is None else tuple(args.widths),
+                            stage_fractions=tuple(args.stages),
                             budget_steps=args.budget_steps, d_model=args.d_model,
-                            seeds=tuple(range(args.seeds)), arms=tuple(args.arms),
+                            batch_size=args.batch_size, cnn_widths=tuple(args.cnn_widths),
+                            dataset=dataset, lr=args.lr, eval_every=args.eval_every,
+                            seeds=tuple(range(args.seeds)),
+                            arms=tuple(args.arms or _default_arms(args.task)),
                             timing=tuple(_fractions(t) for t in args.timing),
                             lr_schedule=args.lr_schedule)
     prog = sys.argv[0] if sys.argv[0].endswith("benchmarks/progressive.py") else "stablemorph"
