@@ -148,3 +148,14 @@ def test_cnn_cell_runs_and_scores_accuracy(tmp_path):
     assert 0.0 <= summary["stable"]["final_acc"][0] <= 1.0
     text = (tmp_path / "progressive.md").read_text()
     assert "(cnn)" in text and "final accuracy" in text
+
+
+def test_cli_refuses_a_bad_cell_before_training(tmp_path, capsys):
+    from stablemorph.cli import main
+
+    out = tmp_path / "out"
+    code = main(["progressive", "--task", "cnn", "--dataset", "digits", "--layers", "2", "4",
+                 "--stages", "0.3", "--timing", "--arms", "scratch", "stack", "--out", str(out)])
+    assert code == 2
+    assert "task cnn: no ['stack'] anchor (it has ['random'])" in capsys.readouterr().err
+    assert not out.exists()

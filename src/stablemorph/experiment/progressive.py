@@ -267,6 +267,7 @@ def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
     task = make_task(cfg)
     task.check(cfg.all_arms())
     _dry_run(cfg, task)
+    load_at_start = _loadavg()
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "progressive.json"
     done: dict[str, dict] = {}
@@ -290,8 +291,30 @@ def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
                 f"{time.perf_counter() - t0:.0f}s")
     curves = {k: Curve(**v) for k, v in done.items()}
     summary = summarise(cfg, curves)
-    write_report(cfg, task, summary, curves, out_dir, command)
+    write_report(cfg, task, summary, curves, out_dir, command,
+                 provenance=f"commit {_commit()}; load average (1/5/15 min) at the start "
+                            f"{load_at_start}, at the end {_loadavg()}")
     return summary
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _dry_run(cfg: ProgressiveConfig, task: Task) -> None:
@@ -369,7 +392,7 @@ def summarise(cfg: ProgressiveConfig, curves: dict[str, Curve]) -> dict:
 
 
 def write_report(cfg: ProgressiveConfig, task: Task, summary: dict, curves: dict[str, Curve],
-                 out_dir: Path, command: str = "") -> None:
+                 out_dir: Path, command: str = "", provenance: str = "") -> None:
     """``progressive.md`` (table, settings, machine) and ``progressive.png`` (loss and
     accuracy against FLOPs, loss against seconds, mean over seeds per arm)."""
     _plot(cfg, task, curves, out_dir / "progressive.png")
@@ -382,7 +405,8 @@ def write_report(cfg: ProgressiveConfig, task: Task, summary: dict, curves: dict
     lines = [
         f"# Progressive growth vs the large model from scratch ({task.name})", "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch "
-        f"{torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
+        f"{torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}"
+        f"{'; ' + provenance if provenance else ''}.", "",
         f"{task.describe()}; sizes {sizes} (layers, width multiplier); budget: the FLOPs of "
         f"{cfg.budget_steps} steps of the largest model; growth at "
         f"{', '.join(f'{f:g}' for f in cfg.stage_fractions)} of {cfg.budget_steps} steps; "
@@ -466,6 +490,9 @@ def add_arguments(parser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--dataset", default=d.dataset,
                         help="cnn: the data set (default: %(default)s; digits if absent)")
+    parser.add_argument("--limit-test", type=int, default=d.limit_test,
+                        help="cnn: test images evaluated (class-balanced; default: "
+                             "%(default)s)")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--seeds", type=int, default=len(d.seeds))
@@ -512,7 +539,8 @@ def run_from_args(args) -> int:
                             stage_fractions=tuple(args.stages),
                             budget_steps=args.budget_steps, d_model=args.d_model,
                             batch_size=args.batch_size, cnn_widths=tuple(args.cnn_widths),
-                            dataset=dataset, lr=args.lr, eval_every=args.eval_every,
+                            dataset=dataset, limit_test=args.limit_test, lr=args.lr,
+                            eval_every=args.eval_every,
                             seeds=tuple(range(args.seeds)),
                             arms=tuple(args.arms or _default_arms(args.task)),
                             timing=tuple(_fractions(t) for t in args.timing),
