@@ -267,7 +267,7 @@ def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
     task = make_task(cfg)
     task.check(cfg.all_arms())
     _dry_run(cfg, task)
-    load_at_start = _loadavg()
+    load_at_start, commit = _loadavg(), _commit()
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "progressive.json"
     done: dict[str, dict] = {}
@@ -292,7 +292,7 @@ def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
     curves = {k: Curve(**v) for k, v in done.items()}
     summary = summarise(cfg, curves)
     write_report(cfg, task, summary, curves, out_dir, command,
-                 provenance=f"commit {_commit()}; load average (1/5/15 min) at the start "
+                 provenance=f"commit {commit}; load average (1/5/15 min) at the start "
                             f"{load_at_start}, at the end {_loadavg()}")
     return summary
 
