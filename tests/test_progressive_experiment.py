@@ -67,3 +67,20 @@ def test_config_refuses_bad_schedules():
         _tiny(stage_fractions=(0.4, 0.2))
     with pytest.raises(ValueError, match="budget_steps must be >= 1, got 0"):
         _tiny(budget_steps=0)
+
+
+def test_short_runs_spend_their_fraction_of_the_budget(tmp_path):
+    cfg = _tiny(arms=("scratch", "stable"), timing=(), budget_fractions=(0.5,),
+                short_arms=("scratch", "stable"), lr_schedule="cosine")
+    summary = run(cfg, tmp_path)
+    assert {"scratch~0.5", "stable~0.5"} <= set(summary)
+    import json
+
+    runs = json.loads((tmp_path / "progressive.json").read_text())["runs"]
+    full = runs["scratch/0"]["points"][-1][1]
+    for arm in ("scratch~0.5", "stable~0.5"):
+        assert 0.5 * full <= runs[f"{arm}/0"]["points"][-1][1] < 0.6 * full, arm
+    assert runs["scratch~0.5/0"]["points"][-1][0] == 15
+    assert [s for s, _ in runs["stable~0.5/0"]["growths"]] == [3, 6]  # stages scaled too
+    with pytest.raises(ValueError, match=r"short arms \['plateau'\] are not among"):
+        _tiny(arms=("scratch",), timing=(), budget_fractions=(0.5,))

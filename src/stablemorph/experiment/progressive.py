@@ -1,27 +1,31 @@
 """Progressive growth against training the large model from scratch: compute to reach its loss.
 
-Per seed, on the character-level text (:mod:`stablemorph.transformer.text`), every arm trains
-a GPT under the SAME FLOPs budget: the FLOPs the large model (``layers[-1]`` blocks) spends in
-``budget_steps`` steps from scratch. Growing arms start at ``layers[0]`` blocks and grow at
-the steps ``stage_steps`` to ``layers[1]``, ``layers[2]``, ... in place
-(:func:`stablemorph.progressive.grow_in_place`: the same model and AdamW objects, state
-mapped), then train on until their FLOPs reach the budget (cheaper steps: more of them).
-Every arm sees the batches of the same global steps; AdamW with a linear warm-up, then a
-constant rate (no decay, so no arm is favoured by where its schedule ends).
+Per seed, on one cell (:mod:`stablemorph.experiment.progressive_tasks`: the char-level GPT, a
+Hugging Face Llama, the Fashion-MNIST CNN), every arm trains under the SAME FLOPs budget: the
+FLOPs the large model spends in ``budget_steps`` steps from scratch. Growing arms start at
+the first size and grow at the steps ``stage_fractions * budget_steps`` to the next sizes in
+place (:func:`stablemorph.progressive.grow_in_place`: the same model and AdamW objects,
+state mapped), then train on until their FLOPs reach the budget (cheaper steps: more of
+them). Every arm sees the batches of the same global steps; AdamW with a linear warm-up,
+then a constant rate, or a cosine to 0 over the FLOPs budget (the same for every arm).
 
 Arms (:data:`ARMS`):
-- ``stable``, ``net2net``, ``netmorph``: exact growth (:func:`stablemorph.transformer.insert_block`
-  one block at a time, evenly spaced) with that scheme;
+- ``stable``, ``net2net``, ``netmorph``: exact growth with that scheme;
 - ``stack``: G_stack-style copy of the whole stack of blocks (not function-preserving);
-- ``random``: new blocks at the same places, randomly initialised (not function-preserving);
+- ``random``: new parts randomly initialised (not function-preserving);
 - ``scratch``: the large model from step 0.
 Growth timing: ``stable@f1,f2`` arms grow at other fractions of ``budget_steps``; ``plateau``
-grows when the validation loss stops improving (:class:`stablemorph.progressive.PlateauTrigger`).
+grows when the evaluation loss stops improving
+(:class:`stablemorph.progressive.PlateauTrigger`). Compute-matched short runs:
+``ARM~f`` trains ``ARM`` on the fraction ``f`` of the budget (its stages and its cosine
+scaled to it), so "reaches scratch's final loss with 40% of its FLOPs" is tested with a
+schedule that ends there, not read off the middle of a longer one.
 
 Figures (per arm, mean ± sd over seeds): final loss; FLOPs and seconds to first reach the
 scratch arm's final loss (same seed; losses are the mean of the last 3 evaluations, so one
 lucky evaluation counts for nothing), as % saved against what the scratch arm needed to reach
-it; the largest validation-loss rise within ``spike_window`` steps after a growth.
+it; the same for accuracy; the paired difference to stable; the largest evaluation-loss rise
+within ``spike_window`` steps after a growth.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class ProgressiveConfig:
     cnn_widths: tuple[int, ...] = (8, 16)
     dataset: str = "fashion-mnist"
     limit_test: int | None = 2000
+    budget_fractions: tuple[float, ...] = ()
+    short_arms: tuple[str, ...] = ("scratch", "plateau")
 
     def __post_init__(self) -> None:
         for name in ("budget_steps", "eval_every", "batch_size", "d_model", "n_head"):
@@ -109,9 +115,22 @@ class ProgressiveConfig:
         unknown = set(self.arms) - set(ARMS) - {_timing_name(t) for t in self.timing}
         if unknown:
             raise ValueError(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+        if any(not 0 < f < 1 for f in self.budget_fractions):
+            raise ValueError(f"budget fractions must be in (0, 1), got {self.budget_fractions}")
+        base = [*self.arms, *(_timing_name(t) for t in self.timing)]
+        if self.budget_fractions and set(self.short_arms) - set(base):
+            raise ValueError(f"short arms {sorted(set(self.short_arms) - set(base))} are not "
+                             f"among the arms {base}")
 
     def all_arms(self) -> list[str]:
-        return [*self.arms, *(_timing_name(t) for t in self.timing)]
+        base = [*self.arms, *(_timing_name(t) for t in self.timing)]
+        return base + [f"{a}~{f:g}" for f in self.budget_fractions for a in self.short_arms]
+
+
+def split_arm(arm: str) -> tuple[str, float]:
+    """``"plateau~0.5"`` -> ``("plateau", 0.5)``; an arm without ``~`` has the whole budget."""
+    base, _, fraction = arm.partition("~")
+    return base, float(fraction) if fraction else 1.0
 
 
 def lr_factor(schedule: str, step: int, warmup: int, spent: float) -> float:
@@ -160,8 +179,10 @@ class Curve:
     growths: list[tuple[int, str]] = field(default_factory=list)  # (step, sizes after)
 
 
-def _stages_of(cfg: ProgressiveConfig, arm: str) -> tuple[dict[int, int], PlateauTrigger | None]:
-    """Global step -> stage index of the fixed schedule, or the plateau trigger."""
+def _stages_of(cfg: ProgressiveConfig, arm: str, fraction: float = 1.0
+               ) -> tuple[dict[int, int], PlateauTrigger | None]:
+    """Global step -> stage index of the fixed schedule (on ``fraction`` of the budget), or
+    the plateau trigger."""
     if arm == "scratch":
         return {}, None
     if arm == "plateau":
@@ -172,21 +193,23 @@ def _stages_of(cfg: ProgressiveConfig, arm: str) -> tuple[dict[int, int], Platea
     for t in cfg.timing:
         if arm == _timing_name(t):
             fractions = t
-    return {round(f * cfg.budget_steps): i + 1 for i, f in enumerate(fractions)}, None
+    return {round(f * fraction * cfg.budget_steps): i + 1 for i, f in enumerate(fractions)}, None
 
 
 def run_arm(cfg: ProgressiveConfig, task: Task, arm: str, seed: int, budget: int) -> Curve:
-    """Train one arm until its FLOPs reach ``budget``."""
-    model = task.build(seed, final=arm == "scratch")
+    """Train one arm until its FLOPs reach ``budget`` (``ARM~f``: ``f * budget``)."""
+    base, fraction = split_arm(arm)
+    budget = round(budget * fraction)
+    model = task.build(seed, final=base == "scratch")
     optimizer = make_adamw(model, OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                               batch_size=cfg.batch_size))
-    stages, trigger = _stages_of(cfg, arm)
+    stages, trigger = _stages_of(cfg, base, fraction)
     meter, curve = FlopMeter(), Curve(arm, seed)
     seconds = 0.0  # training and growth time; evaluations are not counted
     step, grown = 0, 0
 
     def grow(stage: int) -> None:
-        for growth in task.growths(arm, model, stage, seed):
+        for growth in task.growths(base, model, stage, seed):
             grow_in_place(model, growth, optimizer)
         s = task.stages[stage]
         curve.growths.append((step, f"{s.layers}L x{s.width:g}"))
@@ -265,7 +288,7 @@ def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
     Refuses, before any training, a plan the task cannot grow: each arm's growths are run
     once on a start model (:meth:`stablemorph.progressive.GrowthSchedule.check`'s rule)."""
     task = make_task(cfg)
-    task.check(cfg.all_arms())
+    task.check([split_arm(a)[0] for a in cfg.all_arms()])
     _dry_run(cfg, task)
     load_at_start, commit = _loadavg(), _commit()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +344,7 @@ def _dry_run(cfg: ProgressiveConfig, task: Task) -> None:
     """Grow a start model through every stage with each arm's growths (one arm per growth
     kind), so that a plan the model cannot take fails before training, naming the stage."""
     kinds = {"stable" if a == "plateau" or a.startswith("stable@") else a
-             for a in cfg.all_arms() if a != "scratch"}
+             for a in (split_arm(b)[0] for b in cfg.all_arms()) if a != "scratch"}
     for arm in sorted(kinds):
         model = task.build(0, final=False)
         for stage in range(1, len(task.stages)):
@@ -501,6 +524,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timing", nargs="*", default=[",".join(map(str, t)) for t in d.timing],
                         help="extra stable arms growing at other fractions, e.g. 0.3,0.5 "
                              "(default: %(default)s)")
+    parser.add_argument("--budget-fractions", type=float, nargs="*", default=[],
+                        help="compute-matched short runs: the --short-arms again on these "
+                             "fractions of the budget, e.g. 0.4 0.6 (default: none)")
+    parser.add_argument("--short-arms", nargs="+", default=list(d.short_arms),
+                        help="arms of the short runs (default: %(default)s)")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                         help="after the warm-up: constant, or a cosine to 0 over the FLOPs "
                              "budget for every arm (default: %(default)s)")
@@ -544,7 +572,9 @@ def run_from_args(args) -> int:
                             seeds=tuple(range(args.seeds)),
                             arms=tuple(args.arms or _default_arms(args.task)),
                             timing=tuple(_fractions(t) for t in args.timing),
-                            lr_schedule=args.lr_schedule)
+                            lr_schedule=args.lr_schedule,
+                            budget_fractions=tuple(args.budget_fractions),
+                            short_arms=tuple(args.short_arms))
     prog = sys.argv[0] if sys.argv[0].endswith("benchmarks/progressive.py") else "stablemorph"
     run(cfg, args.out, " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]))
     print((args.out / "progressive.md").read_text())
