@@ -43,6 +43,11 @@ def test_run_writes_report_and_spends_the_same_budget(tmp_path):
     assert summary["stable"]["spike"][0] >= 0.0
     again = run(_tiny(), tmp_path)  # resumed: nothing re-run, same summary
     assert again["stable"]["final"] == summary["stable"]["final"]
+    ran: list[str] = []
+    more = run(_tiny(arms=("scratch", "stable", "net2net")), tmp_path, log=ran.append)
+    assert [line.split(":")[0] for line in ran] == ["net2net/0"]  # only the new arm trains
+    assert more["stable"]["final"] == summary["stable"]["final"]
+    assert "stack" not in more
 
 
 def test_anchors_are_not_exact_but_keep_the_parent_blocks():

@@ -296,7 +296,7 @@ def run(cfg: ProgressiveConfig, out_dir: Path, command: str = "",
     done: dict[str, dict] = {}
     if store.exists():
         saved = json.loads(store.read_text())
-        if saved.get("config") == _config_json(cfg):
+        if _run_defining(saved.get("config", {})) == _run_defining(_config_json(cfg)):
             done = saved["runs"]
     x, _ = task.batch(0, 0)
     budget = FlopMeter().per_step(task.build(0, final=True), x) * cfg.budget_steps
@@ -359,6 +359,15 @@ def _dry_run(cfg: ProgressiveConfig, task: Task) -> None:
 
 def _config_json(cfg: ProgressiveConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+# Which arms and seeds run does not change any one run: a rerun with more (or fewer) of them
+# reuses the finished runs it still wants.
+_SELECTION = ("arms", "seeds", "timing", "budget_fractions", "short_arms")
+
+
+def _run_defining(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _SELECTION}
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -474,7 +483,8 @@ def _plot(cfg: ProgressiveConfig, task: Task, curves: dict[str, Curve], path: Pa
     for ax, (_, ycol, xlabel, ylabel) in zip(axes, panels, strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        finals = [c.points[-1][ycol] for c in curves.values()]
+        finals = [c.points[-1][ycol] for k, c in curves.items()
+                  if k.rpartition("/")[0] in cfg.all_arms()]
         if finals and ycol == LOSS:
             ax.set_ylim(min(finals) - 0.05, max(finals) + 0.6)
         elif finals:
