@@ -279,10 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     progressive_arguments(sub.add_parser(
         "progressive",
-        help="grow a GPT during training; FLOPs and time saved against scratch",
-        description="Progressive growth of a character-level GPT (exact schemes, block "
-        "stacking, random new blocks, a plateau trigger) against the large model trained "
-        "from scratch under the same FLOPs budget.",
+        help="grow a model during training; FLOPs and time saved against scratch",
+        description="Progressive growth (exact schemes, block stacking, random new parts, a "
+        "plateau trigger) of a character-level GPT, a Hugging Face Llama or the Fashion-MNIST "
+        "CNN, in depth and width, against the large model trained from scratch under the "
+        "same FLOPs budget.",
     ))
     return parser
 
