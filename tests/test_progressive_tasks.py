@@ -128,6 +128,8 @@ def test_bad_plans_are_refused_before_training(tmp_path):
         run(_cnn(arms=("scratch", "stack")), tmp_path / "a")
     with pytest.raises(TaskError, match="grows depth only"):
         run(_text("gpt", layers=(1, 1), widths=(1, 2), arms=("stack",)), tmp_path / "b")
+    with pytest.raises(TaskError, match="random anchor grows depth only here"):
+        run(_text("llama", layers=(1, 1), widths=(1, 2), arms=("random",)), tmp_path / "b")
     # x1.25 of 2 heads of 8 is no whole number of heads: found by the dry run, by stage.
     with pytest.raises(ValueError, match=r"arm stable, growth 1 .*20 is not 2 heads of 8"):
         run(_text("llama", layers=(1, 1), widths=(1, 1.25)), tmp_path / "c")

@@ -216,6 +216,10 @@ class Task:
         if "stack" in arms and widths:
             raise TaskError(f"task {self.name}: the stack anchor grows depth only; these "
                             f"stages grow width too")
+        if "random" in arms and widths and isinstance(self, _TextTask):
+            raise TaskError(f"task {self.name}: the random anchor grows depth only here (a "
+                            f"wider residual stream is re-encoded, so the parent's values "
+                            f"have no place to be kept); these stages grow width too")
 
 
 class _Logits(nn.Module):
@@ -281,10 +285,9 @@ class GPTTask(_TextTask):
         steps: list[Growth] = []
         if after.width > before.width:
             factor = after.width / before.width
-            scheme = "net2net" if arm == "random" else exact_scheme(arm)
+            scheme = exact_scheme(arm)
             for s in morph_steps("width", model, [], {"factor": factor}):
-                steps.append(_with_anchor(arm, lambda m, _s=s, _k=scheme: _s.run(
-                    m, _k, seed, None), seed))
+                steps.append(lambda m, _s=s: _s.run(m, scheme, seed, None))
         if after.layers > before.layers:
             steps += _depth_steps(arm, model.config.n_layer, after.layers, seed,
                                   insert=lambda m, i, k, r: _insert_gpt(m, i, k, r),
@@ -320,7 +323,7 @@ def _with_anchor(arm: str, step: Growth, seed: int) -> Growth:
 
 
 def _depth_steps(arm: str, n: int, n_layer: int, seed: int,
-                 insert: Callable[[nn.Module, int, str, int], nn.Module],
+                 insert: Callable[[nn.Module, int, str, int], nn.Module] | None,
                  rebuild: Callable[[nn.Module, list[int | None], str], nn.Module]
                  ) -> list[Growth]:
     """Depth growth of a block stack from ``n`` to ``n_layer`` blocks: one exact insertion
@@ -330,6 +333,8 @@ def _depth_steps(arm: str, n: int, n_layer: int, seed: int,
     if arm in ANCHORS:
         slots = block_slots(n, n_layer, arm)
         return [lambda m: rebuild(m, slots, arm)]
+    if insert is None:
+        raise TaskError(f"arm {arm}: no exact block insertion given")
     scheme = exact_scheme(arm)
     return [lambda m, i=i, r=r: insert(m, i, scheme, seed + r)
             for r, i in enumerate(insertion_points(n, n_layer - n))]
@@ -374,10 +379,9 @@ class LlamaTask(_TextTask):
         steps: list[Growth] = []
         if after.width > before.width:
             d_model, n_head = self.size(after)
-            scheme = "net2net" if arm == "random" else exact_scheme(arm)
-            steps.append(_with_anchor(arm, lambda m: sm.grow(
+            steps.append(lambda m: sm.grow(
                 m, hidden=d_model, heads=n_head, kv_heads=n_head, mlp=self.mlp(d_model),
-                scheme=scheme, seed=seed), seed))
+                scheme=exact_scheme(arm), seed=seed))
         if after.layers > before.layers:
             if arm in ANCHORS:
                 steps += _depth_steps(arm, before.layers, after.layers, seed, insert=None,
