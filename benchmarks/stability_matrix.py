@@ -566,8 +566,10 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
         "invocation.  ",
         "Cells are run with `PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 python "
         "benchmarks/stability_matrix.py --cells CELL --work runs/stability_matrix` (or "
-        "`run_cell` called directly; each cell in `runs/stability_matrix/CELL`, resumed where "
-        "stopped, every invocation recorded in its `invocations.jsonl`); the report is rebuilt "
+        "`run_cell(CELL, cells()[CELL][1], Path('runs/stability_matrix'))` from `python -c`, "
+        "one cell per process: argv `-c CELL` below; each cell in `runs/stability_matrix/CELL`, "
+        "resumed where stopped, every invocation recorded in its `invocations.jsonl`); the "
+        "report is rebuilt "
         "with `--report-only`: a cell's run folder is used when present, otherwise its "
         "per-seed figures and config come from the committed `stability_matrix.json` "
         "(provenance table below).", "",
