@@ -316,6 +316,9 @@ def collect(table: dict[str, tuple[str, ExperimentConfig]], work: Path,
             note = (f"; its run folder holds only {len(got[1])} runs and was not used"
                     if got is not None and got[1] else "")
             out[name] = {**old, "origin": "json" + note}
+        if name in out and name in table and out[name].get("config"):
+            now = json.loads(json.dumps(asdict(table[name][1])))
+            out[name]["stale"] = sorted(k for k in now if out[name]["config"].get(k) != now[k])
     return out
 
 
@@ -500,6 +503,9 @@ def _provenance(name: str, entry: dict[str, Any]) -> str:
     state = ("complete" if entry["runs"] >= entry["expected"]
              else f"**partial: {entry['runs']}/{entry['expected']} runs**")
     if src.get("json_format_1"):
+        if entry.get("stale"):
+            state += (f"; **ran an older definition** (differs from `cells()` now in "
+                      f"{', '.join(entry['stale'])})")
         return (f"| {name} | committed JSON (format 1) | {state} | run before commit "
                 f"{src.get('json_commit') or '(unknown)'}, which wrote that JSON; run folder "
                 "lost, config = the cell's definition | - | - |")
@@ -510,6 +516,9 @@ def _provenance(name: str, entry: dict[str, Any]) -> str:
     commits = ", ".join(dict.fromkeys(str(i.get("commit")) for i in inv)) or "-"
     where = "run folder" if origin == "folder" else f"committed JSON ({origin[4:].lstrip('; ')})"
     where = where.replace(" ()", "")
+    if entry.get("stale"):
+        state += (f"; **ran an older definition** (differs from `cells()` now in "
+                  f"{', '.join(entry['stale'])})")
     return (f"| {name} | {where} | {state} | `{src['folder']}`, runs {src['first_run']} … "
             f"{src['last_run']}, run at commit {commits}, summarised at "
             f"{src['read_by_commit']} | {wall} | {loads} |")
@@ -553,7 +562,8 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
     commit = code_commit()
     meta = {"command": command, "written": _now(), "commit": commit, "machine": _machine(),
             "load_start": load_start, "load_end": _loadavg()}
-    stored = {name: {k: v for k, v in e.items() if k != "origin"} for name, e in entries.items()}
+    stored = {name: {k: v for k, v in e.items() if k not in ("origin", "stale")}
+              for name, e in entries.items()}
     (results / "stability_matrix.json").write_text(json.dumps(
         {"format": JSON_FORMAT, "report": meta, "cells": stored}, indent=1, default=str))
     counts, worse = tallies(entries)
@@ -578,6 +588,9 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
         "difference > its sd): " + ("; ".join(worse) if worse else "nowhere") + ".", "",
         f"Cells with results: {len(entries)}; planned without results: "
         f"{', '.join(missing) or 'none'}.", "",
+        f"Cells that ran an older definition than `cells()` holds now (the table below names "
+        f"the fields): {sum(bool(e.get('stale')) for e in entries.values())} of "
+        f"{len(entries)}.", "",
         "## Where each cell's figures come from", "",
         "| cell | from | runs | run | wall time | load average (start → end) |",
         "|---|---|---|---|---|---|",

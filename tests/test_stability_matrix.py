@@ -84,7 +84,8 @@ def test_a_present_folder_wins_over_the_json(tmp_path):
     rc, data, md = _report(tmp_path)
     assert rc == 0
     assert _stable_drop(data) == pytest.approx(0.02)
-    assert f"| {CELL} | run folder | complete |" in md
+    assert f"| {CELL} | run folder | complete; **ran an older definition** (differs from " \
+           "`cells()` now in seeds)" in md
     assert data["cells"][CELL]["source"]["folder"] == str(tmp_path / "work" / CELL)
 
 
