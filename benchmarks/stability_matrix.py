@@ -6,7 +6,8 @@ learning-rate regimes ``same``, ``raised`` and ``warmup`` after the morph and th
   experiment/stability.py, experiment/rules.py: pointwise pairs re-factored with an orthogonal
   second factor, the parent layer's optimiser state mapped onto the factors, and the
   learning-rate multiplier ``1 / first-step amplification`` measured on the probe, under
-  Adam times the parent layer's own typical step ``mean |m_hat| / sqrt(v_hat)``);
+  Adam times the parent layer's own typical step ``mean |m_hat| / sqrt(v_hat)``, and
+  ``adamn``: under Adam every other new entry starts at its stand-in's typical step);
 - ``netmorph``, ``net2net``: the baselines as published;
 - ``netmorph+state+dlr+adamr``, ``net2net+state+dlr+adamr``: the baselines offered the same
   optimiser state mapping and multiplier;
@@ -598,10 +599,13 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
         "Arms: `stable` = stable scheme + its default rule (`STABLE_RULE`: pointwise pairs "
         "re-factored with an orthogonal second factor, the parent layer's optimiser state "
         "mapped onto the factors, learning-rate multiplier 1/first-step amplification on the "
-        "probe, under Adam times the parent layer's typical step; see the research log "
-        "below); `netmorph`, `net2net` as published; `+state+dlr+adamr` = the same state "
+        "probe, under Adam times the parent layer's typical step, and since `adamn` under "
+        "Adam every other new entry (fresh parameters, new units of widened tensors) "
+        "starting at its stand-in's typical step; a cell's `stable_rule` is in its "
+        "provenance row; the research log is `stability_research.md`); `netmorph`, "
+        "`net2net` as published; `+state+dlr+adamr` = the same state "
         "mapping and multipliers offered to a baseline (for widen, where there is no factor "
-        "pair, the rule does nothing and these arms are left out); `parent` = the parent "
+        "pair, these arms are left out); `parent` = the parent "
         "trained on. Drop = parent accuracy minus the worst accuracy "
         "in the first `drop_window` steps; loss rise = worst test loss in that window minus "
         "the parent's; recover = steps until the parent's accuracy is regained; moved = "
