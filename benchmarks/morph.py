@@ -128,7 +128,7 @@ def _row(op: str, target: str, scheme: str, seconds: float, report: MorphReport 
             "error": error}
 
 
-WHOLE = ("deepen", "deepen3", "widen", "load")
+WHOLE = ("deepen", "deepen3", "deepen3-norule", "widen", "load")
 
 
 def _convs3(model: nn.Module) -> list[str]:
@@ -142,9 +142,12 @@ def grow(case: str, model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
     if case == "deepen":
         for name in [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]:
             child, count = deepen(child, name, inputs=x), count + 1
-    elif case == "deepen3":
+    elif case in ("deepen3", "deepen3-norule"):
+        # -norule: the published stable solve, without the step rule's first-step
+        # measurement (issue 9), to show what that measurement costs
+        rule = {"step_rule": False} if case == "deepen3-norule" else {}
         for name in _convs3(model):
-            child, count = deepen(child, name, kernel_size=3, inputs=x), count + 1
+            child, count = deepen(child, name, kernel_size=3, inputs=x, **rule), count + 1
     else:
         for name in _convs3(model):
             c = model.get_submodule(name).out_channels
@@ -245,6 +248,7 @@ def _load() -> str:
 WHOLE_TITLES = {
     "deepen": "deepen every conv (default options: 1x1 second factor)",
     "deepen3": "deepen every 3x3 conv with kernel_size=3 (3x3 (*) 3x3)",
+    "deepen3-norule": "the same with step_rule=False (no first-step measurement)",
     "widen": "widen every 3x3 conv to 1.25x its width",
     "load": "sm.load of the deepen3 result (after sm.save)",
 }

@@ -128,12 +128,14 @@ def step_amplifications(block: nn.Module, x: Tensor, kernel: int, *, samples: in
 
     gen = torch.Generator().manual_seed(seed)
     ratios: dict[str, list[float]] = {"sgd": [], "adaptive": []}
+    # one forward each, one backward per random output gradient
+    vals = [th[n].clone().requires_grad_(True) for n in names]
+    w = W.clone().requires_grad_(True)
+    out_child, out_parent = run(*vals), parent(w)
     for _ in range(samples):
         delta = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, dt)
-        vals = [th[n].clone().requires_grad_(True) for n in names]
-        grads = torch.autograd.grad((run(*vals) * delta).sum(), vals)
-        w = W.clone().requires_grad_(True)
-        gW = torch.autograd.grad((parent(w) * delta).sum(), w)[0]
+        grads = torch.autograd.grad(out_child, vals, delta, retain_graph=True)
+        gW = torch.autograd.grad(out_parent, w, delta, retain_graph=True)[0]
         if mask is not None:
             gW = gW * mask
         # the parent's bias (F2's bias stands for it) takes the same step as F2's
