@@ -132,6 +132,8 @@ def test_transfer_applies_the_familys_multiplier_and_the_scheduler_follows(
     assert group_lr(new, child.fc2.act.a) == pytest.approx(base * slope)
     scales = [scale] if optimizer == "sgd" else [scale, slope]
     assert group_sources(new) == [(0, 1.0), *[(0, pytest.approx(s)) for s in scales]]
+    # the groups say their multiplier, for loops that set every group's rate themselves
+    assert [g.get("lr_scale", 1.0) for g in new.param_groups] == pytest.approx([1.0, *scales])
     new_sched = transfer_scheduler(sched, new)
     new.step()
     new_sched.step()
@@ -227,6 +229,9 @@ def test_a_chain_of_deepens_transfers_like_one_step_at_a_time() -> None:
             torch.testing.assert_close(direct.state[p][key], value, rtol=0, atol=0)
     # the original group, one per factor pair and (AdamW) one per PAct slope
     assert len(direct.param_groups) == 5
+    # a chain's multipliers compose in the groups' lr_scale as in their rates
+    for group in stepwise.param_groups:
+        assert group["lr"] == pytest.approx(0.01 * group.get("lr_scale", 1.0), rel=1e-12)
 
 
 def test_the_record_survives_a_checkpoint(tmp_path) -> None:

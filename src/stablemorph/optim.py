@@ -58,7 +58,9 @@ group stays, so per-group scheduler lists still line up.
 Learning-rate multipliers: a child parameter whose origin has ``lr_scale != 1`` goes into an
 extra group (appended after the original ones, one per (group, scale)), a copy of its group's
 hyper-parameters with ``lr`` (and a scheduler's ``initial_lr``, ``max_lr``, ``min_lr``) times
-the scale; :func:`transfer_scheduler` then extends the scheduler's per-group lists the same
+the scale, and the key ``"lr_scale"`` (its group's, times the scale) so that a training loop
+that sets every group's rate itself keeps the multiplier (``rate * group.get("lr_scale",
+1.0)``); :func:`transfer_scheduler` then extends the scheduler's per-group lists the same
 way (``base_lrs`` scaled, lambdas repeated). With the step rule the scale is ``lr_scale``
 times the morph's recorded multiplier (``lr_advice``) for the optimiser's family
 (:func:`~stablemorph.step_rule.is_adaptive`: ``"adaptive"``, else ``"sgd"``), and under an
@@ -269,6 +271,8 @@ def transfer_optimizer(
         for k in _LR_KEYS:
             if k in hyper and scale != 1.0:
                 hyper[k] = hyper[k] * scale
+        if scale != 1.0:  # for loops that set every group's rate themselves
+            hyper["lr_scale"] = hyper.get("lr_scale", 1.0) * scale
         chosen = [(n, p) for g, s, n, p in members if (g, s) == (gi, scale)]
         new_groups.append({**hyper, "params": chosen if named else [p for _, p in chosen]})
     cls = type(optimizer)

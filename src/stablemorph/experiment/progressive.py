@@ -230,8 +230,8 @@ def run_arm(cfg: ProgressiveConfig, task: Task, arm: str, seed: int, budget: int
             grown = stages[step]
             grow(grown)
         rate = cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.warmup_steps, meter.total / budget)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
+        for group in optimizer.param_groups:  # keeping the multipliers growth recorded
+            group["lr"] = rate * group.get("lr_scale", 1.0)
         x, y = task.batch(step, seed)
         loss_t = loss_fn(task.logits(model, x), y)
         optimizer.zero_grad(set_to_none=True)
