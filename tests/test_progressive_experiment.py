@@ -89,3 +89,30 @@ def test_short_runs_spend_their_fraction_of_the_budget(tmp_path):
     assert [s for s, _ in runs["stable~0.5/0"]["growths"]] == [3, 6]  # stages scaled too
     with pytest.raises(ValueError, match=r"short arms \['plateau'\] are not among"):
         _tiny(arms=("scratch",), timing=(), budget_fractions=(0.5,))
+
+
+def test_the_loop_keeps_the_step_rules_multipliers(monkeypatch):
+    """The loop sets one rate per step; the groups transfer_optimizer adds for the stable
+    scheme's new blocks keep their multiplier (``lr_scale``) on top of it."""
+    from stablemorph.experiment.progressive import run_arm
+    from stablemorph.flops import FlopMeter
+
+    seen: list[list[tuple[float, float]]] = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append([(g["lr"], g.get("lr_scale", 1.0)) for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    cfg = _tiny(arms=("stable",))
+    task = make_task(cfg)
+    x, _ = task.batch(0, 0)
+    budget = FlopMeter().per_step(task.build(0, final=True), x) * cfg.budget_steps
+    run_arm(cfg, task, "stable", 0, budget)
+    scaled = [groups for groups in seen if any(s != 1.0 for _, s in groups)]
+    assert scaled, "no multiplier group after the growths"
+    for groups in scaled:
+        rate = groups[0][0]
+        assert rate > 0
+        assert [lr for lr, _ in groups] == pytest.approx([rate * s for _, s in groups])
