@@ -293,3 +293,12 @@ def test_an_identity_shortcut_branch_takes_the_adaptive_figure_alone() -> None:
     first = child.get_parameter("layer1.0.shortcut.branch.first.weight")
     assert group_lr(new, first) == pytest.approx(0.01 * origin.lr_advice["adaptive"])
     assert (new.state[first]["exp_avg"] == 0).all()  # the fresh parameter's borrowed state
+
+
+def test_a_step_rule_that_is_not_a_bool_is_refused_and_the_model_kept() -> None:
+    model, x, _ = parent("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"step_rule='yes' must be True, False or None"):
+        deepen(model, "fc2", inputs=x, step_rule="yes")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)

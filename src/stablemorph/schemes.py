@@ -65,9 +65,16 @@ def get_scheme(name: str) -> Scheme:
 
 def step_rule_on(scheme: str, step_rule: bool | None = None) -> bool:
     """Whether a morph applies the step rule: ``step_rule`` when given, else the scheme's
-    default (``False`` for a name not in :data:`TABLE`, e.g. a growth's own)."""
+    default (``False`` for a name not in :data:`TABLE`, e.g. a growth's own).
+
+    Raises:
+        ValueError: ``step_rule`` is neither ``None`` nor a bool.
+    """
+    if step_rule is not None and not isinstance(step_rule, bool):
+        raise ValueError(f"step_rule={step_rule!r} must be True, False or None (the "
+                         f"scheme's default)")
     if step_rule is not None:
-        return bool(step_rule)
+        return step_rule
     return scheme in TABLE and TABLE[scheme].step_rule
 
 
