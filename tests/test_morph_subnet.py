@@ -255,3 +255,14 @@ def test_insert_subnet_takes_a_dict_probe_of_keyword_inputs() -> None:
     torch.testing.assert_close(child(pixel_values=x), model(pixel_values=x), rtol=1e-5,
                                atol=1e-6)
     assert sm.last_report(child).zero_fraction == 0.0
+
+
+def test_a_kernel_that_cannot_compose_suggests_one_that_does() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    snap = snapshot(model)
+    with pytest.raises(MorphError, match=r"kernel_sizes=\(5, 1\)"):
+        insert_subnet(model, "0", inputs=x)  # the default (3, 1) cannot hold a 5x5
+    assert_untouched(model, snap)
+    child = insert_subnet(model, "0", inputs=x, kernel_sizes=(5, 1))
+    torch.testing.assert_close(child(x), model(x), rtol=1e-5, atol=1e-5)

@@ -138,9 +138,23 @@ def resolve_kernels(geom: Geometry, k1: int | None, k2: int | None, name: str,
         raise MorphError(
             f"{op}: layer {name!r}: kernels K1={k1}, K2={k2} (stride {geom.stride}) compose to "
             f"size {geom.composite(k1, k2)}, which cannot hold the {geom.kernel}-wide kernel "
-            f"centred; K1 + stride*(K2-1) - K must be even and >= 0"
+            f"centred; K1 + stride*(K2-1) - K must be even and >= 0 ({_fitting(geom, k1, k2, op)})"
         )
     return k1, k2
+
+
+def _fitting(geom: Geometry, k1: int, k2: int, op: str) -> str:
+    """The nearest option that composes to a kernel holding the parent's, for the message:
+    ``deepen`` sets only K2 (K1 is the layer's kernel), ``insert_subnet`` both."""
+    def fits(a: int, b: int) -> bool:
+        extra = geom.composite(a, b) - geom.kernel
+        return extra >= 0 and extra % 2 == 0
+
+    if op == "insert_subnet":
+        a = next(a for a in range(1, geom.kernel + 2) if fits(a, k2))
+        return f"the smallest that fits with K2={k2}: kernel_sizes=({a}, {k2})"
+    b = next((b for b in range(k2 + 1, k2 + 3) if fits(k1, b)), None)
+    return f"with K1={k1}: kernel_size={b}" if b else "no kernel_size fits this layer"
 
 
 def check_feasible(geom: Geometry, width: int, k1: int, k2: int, name: str, op: str) -> None:
