@@ -36,10 +36,12 @@ or by adding a non-zero constant; ``zero_preserving`` holds when every consumer 
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -670,6 +672,40 @@ class ChannelGroup:
         return out
 
 
+def input_count(model: nn.Module, inputs: Sequence[Any]) -> int:
+    """How many leading parameters of ``model.forward`` the probe ``inputs`` fills: its
+    positional inputs, and up to the last of its keyword inputs (``inputs.kwargs`` of a
+    :class:`~stablemorph.verify.Probe`; the parameters between keep their defaults)."""
+    kwargs = getattr(inputs, "kwargs", None) or {}
+    names = list(inspect.signature(inspect.unwrap(model.forward)).parameters)
+    return max([len(inputs)] + [names.index(k) + 1 for k in kwargs if k in names])
+
+
+def graph_inputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    """The probe as the graph's positional inputs, one per placeholder: the positional inputs,
+    then keyword inputs by name (a :class:`~stablemorph.verify.Probe`'s ``kwargs``), then the
+    placeholders' defaults.
+
+    Raises:
+        GraphError: a keyword the forward does not take, or a parameter without a default
+            that the probe does not give."""
+    kwargs = dict(getattr(inputs, "kwargs", None) or {})
+    values = list(inputs)
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in places[len(values):]:
+        name = str(node.target).lstrip("*")
+        if name in kwargs:
+            values.append(kwargs.pop(name))
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise GraphError(f"the probe gives no value for the forward's parameter {name!r}")
+    if kwargs:
+        raise GraphError(f"the probe's keyword inputs {sorted(kwargs)} are not parameters of "
+                         f"the traced forward ({[str(n.target) for n in places]})")
+    return values
+
+
 def input_unit_dim(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> int | None:
     """The dim holding the units (features, channels) of the first input that module
     ``target`` receives, as the nearest layer upstream lays them out (``-1``-style dims are
@@ -680,9 +716,9 @@ def input_unit_dim(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> i
     ``(batch, channels, length)`` tensor after a Conv1d on dim 1.
     """
     try:
-        gm = trace(model, len(inputs), whole=(target,))
+        gm = trace(model, input_count(model, inputs), whole=(target,))
         with preserved_state(gm), torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*graph_inputs(gm, inputs))
         result = _Propagation(gm, model, set(), None).run()
     except Exception:  # untraceable or unanalysable: the caller falls back
         return None
@@ -738,7 +774,7 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
     if not is_dense(m):
         raise GraphError(f"{target!r} is {module_kind(m)}; widen a dense Conv1d/2d/3d, "
                          f"Linear, Embedding or a layer registered with sm.register_handler")
-    gm = trace(model, len(inputs))
+    gm = trace(model, input_count(model, inputs))
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
     if not calls:
         inside = opaque_note(gm, target)
@@ -751,7 +787,9 @@ def channel_group(model: nn.Module, target: str, inputs: Sequence[Tensor]) -> Ch
         raise GraphError(f"{target!r} is never called by {type(model).__name__}.forward")
     try:  # shapes only: BN running statistics must not move
         with preserved_state(gm), torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*graph_inputs(gm, inputs))
+    except GraphError:
+        raise
     except Exception as err:
         root = err
         while root.__cause__ is not None or root.__context__ is not None:

@@ -62,7 +62,19 @@ class MorphTracer(fx.Tracer):
         varstuff = inner.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
         if is_module and concrete_args is None and (varstuff or inner is not root_fn):
             root_fn = _explicit_parameters(root_fn, inner, self.inputs)
+        elif is_module and concrete_args is None and self.inputs is not None:
+            concrete_args = _unfilled_defaults(inner, self.inputs) or None
         return super().create_args_for_root(root_fn, is_module, concrete_args)
+
+
+def _unfilled_defaults(fn: Callable[..., object], inputs: int) -> dict[str, object]:
+    """The parameters of ``fn`` (an unbound ``forward``: ``self`` first) after its first
+    ``inputs`` that have defaults, with them: the probe leaves them at their defaults, so the
+    graph is traced with those values (``if mask is None`` sees ``None``, as the probe's call
+    does) instead of as inputs fx cannot know."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return {p.name: p.default for p in params[inputs:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty}
 
 
 def _explicit_parameters(fn: Callable[..., object], inner: Callable[..., object],
