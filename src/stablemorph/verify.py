@@ -234,6 +234,28 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
+@contextlib.contextmanager
+def capture_inputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """Inside the block: the first positional input each of ``modules`` (name -> module)
+    receives in eval mode, by name (a detached copy: later in-place writes of the forward do
+    not reach it); a module never called in eval mode is absent. Lets a morph measure on its
+    verification's own forward instead of running the model again; hooks removed on exit."""
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+        def keep(module: nn.Module, args: tuple[Any, ...], _out: Any, name: str = name
+                 ) -> None:
+            if not module.training and name not in seen and args and \
+                    isinstance(args[0], Tensor):
+                seen[name] = args[0].detach().clone()
+        handles.append(module.register_forward_hook(keep))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _set_mode(model: nn.Module, mode: str) -> None:
     model.train(mode == "train")
     if mode == "train":

@@ -55,6 +55,7 @@ from stablemorph.verify import (
     NOISE_FACTOR,
     Probe,
     VerifyError,
+    capture_inputs,
     compare,
     default_tolerance,
     preserved_state,
@@ -80,13 +81,16 @@ class Surgery:
     others must be the parent's parameter of the same name, unchanged); ``residual``: the
     morphism equation's relative residual where one was solved; ``changed``: the new or
     changed parameters whose zeros are counted (default: every name in ``origins``; a
-    surgery that renames unchanged parameters lists only the others).
+    surgery that renames unchanged parameters lists only the others); ``measures``: child
+    module name -> a measurement on the input that module receives in the verification's own
+    eval-mode forward (no extra forward), returning report notes, run once the check passed.
     """
 
     origins: dict[str, ParamOrigin] = field(default_factory=dict)
     residual: float | None = None
     notes: list[str] = field(default_factory=list)
     changed: list[str] | None = None
+    measures: dict[str, Callable[[Tensor], list[str]]] = field(default_factory=dict)
 
 
 SurgeryFn = Callable[[nn.Module, tuple[Tensor, ...]], Surgery]
@@ -344,7 +348,8 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
         carried = (f"{len(parent_hooks)} hook(s) carried to the child's layers "
                    f"{sorted(set(places))} (hooked in the parent: {sorted(hooked)})")
     try:
-        check = compare(ref, child)
+        with capture_inputs({n: child.get_submodule(n) for n in done.measures}) as inputs:
+            check = compare(ref, child)
     except VerifyError as err:
         raise MorphError(f"{op} {target!r} (scheme {scheme!r}): {err}") from err
     limit = default_tolerance(model_dtype(model)) if tol is None else tol
@@ -376,7 +381,9 @@ def _run_morph(op: str, model: nn.Module, target: str, scheme: str, kwargs: dict
         )
     named = dict(child.named_parameters())
     zeros, near = sparsity(*(named[n] for n in changed)) if changed else (0.0, 0.0)
-    notes = [*done.notes, f"{zeros:.1%} exact zeros, {near:.1%} near zeros in the "
+    measured = [note for name, measure in done.measures.items() if name in inputs
+                for note in measure(inputs[name])]
+    notes = [*done.notes, *measured, f"{zeros:.1%} exact zeros, {near:.1%} near zeros in the "
                           f"{len(changed)} new or changed parameters",
              f"verified: {check.describe()}", *check.notes, mem_note]
     if carried:

@@ -8,8 +8,9 @@ solve, zero-pad), ``"net2net"`` ``F1 = G`` and ``F2`` the centred identity.
 The step rule (``step_rule``, on by default for ``"stable"`` only; :mod:`stablemorph.schemes`):
 a pointwise pair gets an orthogonal second factor (stable only), and the factors' origins
 record the learning-rate multipliers measured on the probe batch
-(:func:`~stablemorph.morphs.first_step.advise`), the parent layer whose typical adaptive
-step scales them, and the factorisation that maps the layer's optimiser state onto them:
+(:func:`~stablemorph.morphs.first_step.multipliers`, on the block's input taken from the
+morph's own verification forward), the parent layer whose typical adaptive step scales them,
+and the factorisation that maps the layer's optimiser state onto them:
 :func:`stablemorph.optim.transfer_optimizer` applies all three.
 
 The replaced layer ``name`` becomes ``nn.Sequential`` with children ``first`` (``F1``,
@@ -20,7 +21,7 @@ carrying the stride), ``act`` (:class:`~stablemorph.activations.PAct`, per chann
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -43,7 +44,7 @@ from stablemorph.morphs.factor import (
     default_width,
     resolve_kernels,
 )
-from stablemorph.morphs.first_step import advise
+from stablemorph.morphs.first_step import multipliers
 from stablemorph.record import ParamOrigin
 from stablemorph.schemes import step_rule_on
 
@@ -58,11 +59,19 @@ def factor_origins(prefix: str, factors: Factors, parent_bias: str | None,
     origins = {f"{prefix}.{n}": ParamOrigin(None) for n, _ in factors.block.named_parameters()}
     if parent_bias is not None and factors.bias_kept:
         origins[f"{prefix}.second.bias"] = ParamOrigin(parent_bias)
+    apply_rule(origins, prefix, rule)
+    return origins
+
+
+def apply_rule(origins: dict[str, ParamOrigin], prefix: str, rule: dict[str, Any] | None
+               ) -> None:
+    """Set the step-rule fields ``rule`` on the origins of the block ``prefix``'s factors
+    (``prefix.first.*``, ``prefix.second.*``); each origin gets its own copy of a dict."""
+    factors = (f"{prefix}.first.", f"{prefix}.second.")
     for name, origin in origins.items():
-        if rule and (".first." in name or ".second." in name):
+        if rule and name.startswith(factors):
             for key, value in rule.items():
                 setattr(origin, key, dict(value) if isinstance(value, dict) else value)
-    return origins
 
 
 def advice_notes(fields: dict[str, Any] | None) -> list[str]:
@@ -76,20 +85,16 @@ def advice_notes(fields: dict[str, Any] | None) -> list[str]:
                if fields.get("lr_reference") else "")]
 
 
-def step_rule_fields(child: nn.Module, prefix: str, probe: Any, kernel: int,
+def step_rule_fields(block: nn.Module, prefix: str, x: Tensor, kernel: int,
                      layer: str | None, parent_params: set[str]) -> dict[str, Any]:
-    """The step-rule fields of ``ParamOrigin`` for the block ``prefix`` of ``child``: the
-    multipliers measured on ``probe`` (``kernel``: the parent's kernel size, 0 or -1 for the
-    whole composite), the parent layer ``layer`` whose weight calibrates adaptive steps and
-    whose state maps onto the factors (``None``: no such layer). Empty where the probe does
-    not reach the block."""
-    block = child.get_submodule(prefix)
+    """The step-rule fields of ``ParamOrigin`` for the block ``prefix`` (the module ``block``)
+    on its input ``x``: the multipliers measured there
+    (:func:`~stablemorph.morphs.first_step.multipliers`; ``kernel``: the parent's kernel size,
+    0 or -1 for the whole composite), the parent layer ``layer`` whose weight calibrates
+    adaptive steps and whose state maps onto the factors (``None``: no such layer)."""
     reference = f"{layer}.weight" if layer is not None else None
-    advice = advise(child, prefix, probe, kernel)
-    if advice is None:
-        return {}
     fields: dict[str, Any] = {
-        "lr_advice": advice,
+        "lr_advice": multipliers(block, x, kernel),
         "lr_reference": reference if reference in parent_params else None,
     }
     if fields["lr_reference"] is not None:
@@ -99,6 +104,25 @@ def step_rule_fields(child: nn.Module, prefix: str, probe: Any, kernel: int,
                             "stride": int(getattr(first, "stride", (1,))[0]),
                             "groups": int(getattr(first, "groups", 1))}
     return fields
+
+
+def step_rule_measure(child: nn.Module, prefix: str, origins: dict[str, ParamOrigin],
+                      kernel: int, layer: str | None, parent_params: set[str], *,
+                      factor: bool = True) -> dict[str, Callable[[Tensor], list[str]]]:
+    """The step rule as a :class:`~.contract.Surgery` measurement: on the input the block
+    ``prefix`` of ``child`` receives in the morph's verification, its
+    :func:`step_rule_fields` set on ``origins`` (without the state mapping unless
+    ``factor``) and the report's line returned. A block the probe never reaches gets none."""
+    block = child.get_submodule(prefix)
+
+    def measure(x: Tensor) -> list[str]:
+        fields = step_rule_fields(block, prefix, x, kernel, layer, parent_params)
+        if not factor:
+            fields.pop("factor", None)
+        apply_rule(origins, prefix, fields)
+        return advice_notes(fields)
+
+    return {f"{prefix}.first": measure}
 
 
 def deepen(
@@ -172,11 +196,11 @@ def deepen(
                                 variant=variant, orthogonal=rule and scheme == "stable")
         set_module(child, target, adopt(factors.block, old))
         bias = f"{target}.bias" if old.bias is not None else None
-        fields = step_rule_fields(child, target, probe, geom.kernel if geom.nd else 0, target,
-                                  parent_params) if rule else None
-        return Surgery(factor_origins(target, factors, bias, fields),
-                       residual=factors.report.residual_cast,
-                       notes=[*factors.notes, *advice_notes(fields)])
+        origins = factor_origins(target, factors, bias)
+        measures = step_rule_measure(child, target, origins, geom.kernel if geom.nd else 0,
+                                     target, parent_params) if rule else {}
+        return Surgery(origins, residual=factors.report.residual_cast,
+                       notes=list(factors.notes), measures=measures)
 
     kwargs = {"scheme": scheme, "kernel_size": k2, "first_kernel_size": k1, "width": width,
               "activation": activation, "variant": variant, "seed": seed, "step_rule": rule}

@@ -32,7 +32,7 @@ branch stands for no parent layer's kernel, so its factors keep the fresh-parame
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -48,7 +48,7 @@ from stablemorph.morphs.contract import (
     get_layer,
     run_morph,
 )
-from stablemorph.morphs.deepen import advice_notes, factor_origins, step_rule_fields
+from stablemorph.morphs.deepen import factor_origins, step_rule_measure
 from stablemorph.morphs.factor import (
     Factors,
     Geometry,
@@ -246,25 +246,24 @@ def insert_subnet(
                                          orthogonal=rule and scheme == "stable")
         notes = list(factors.notes)
 
-        def fields(prefix: str) -> dict[str, object] | None:
-            if not rule:
-                return None
-            found = step_rule_fields(child, prefix, probe, -1, target, parent_params)
-            found.pop("factor", None)  # the branch stands for no parent kernel
-            return found
+        def measures(prefix: str, origins: dict[str, ParamOrigin]
+                     ) -> dict[str, Callable[[Tensor], list[str]]]:
+            # the branch stands for no parent kernel: no state mapping
+            return step_rule_measure(child, prefix, origins, -1, target, parent_params,
+                                     factor=False) if rule else {}
 
         if isinstance(old, _LAYERS):
             adopt(factors.block, old)
             set_module(child, target, ResidualBranch(factors.block, share, shortcut=old))
-            found = fields(f"{target}.branch")
-            origins = factor_origins(f"{target}.branch", factors, None, found)
-            notes += advice_notes(found)
+            origins = factor_origins(f"{target}.branch", factors, None)
+            found = measures(f"{target}.branch", origins)
             named = dict(child.named_parameters())  # a tied weight is listed once, elsewhere
             for n, _ in old.named_parameters():
                 if f"{target}.shortcut.{n}" in named:
                     origins[f"{target}.shortcut.{n}"] = ParamOrigin(f"{target}.{n}")
             notes.insert(0, f"{target!r} split into {share} * layer + a branch")
-            return Surgery(origins, residual=factors.report.residual_cast, notes=notes)
+            return Surgery(origins, residual=factors.report.residual_cast, notes=notes,
+                           measures=found)
         factors.block.train(old.training)
         branch = ResidualBranch(factors.block, share)
         branch.train(old.training)
@@ -276,10 +275,9 @@ def insert_subnet(
             set_module(child, target, rebuilt)
             prefix = f"{target}.{name}.branch"
         notes.insert(0, f"identity shortcut of {target!r} split into {share} * x + a branch")
-        found = fields(prefix)
-        notes += advice_notes(found)
-        return Surgery(factor_origins(prefix, factors, None, found),
-                       residual=factors.report.residual_cast, notes=notes)
+        origins = factor_origins(prefix, factors, None)
+        return Surgery(origins, residual=factors.report.residual_cast, notes=notes,
+                       measures=measures(prefix, origins))
 
     return run_morph("insert_subnet", model, target, scheme, kwargs, surgery, inputs,
                      input_shape, tol)
