@@ -48,6 +48,8 @@ GEOMETRIES = {
     "grouped": (2, 4, 6, 4, 3, 3, 1, 2, 2, True, 3, 6),
     "depthwise, whole composite": (2, 4, 4, 4, 3, 3, 1, 2, 4, True, 0, 6),
     "conv1d": (1, 3, 5, 4, 3, 3, 1, 2, 1, True, 3, 11),
+    # 150k-entry gradients: a float32 sum of squares must stay accurate at this size
+    "wide, small maps": (2, 128, 130, 128, 3, 3, 1, 2, 1, True, 3, 2),
 }
 
 
