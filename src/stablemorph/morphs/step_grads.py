@@ -13,10 +13,9 @@ bilinear in ``(w1, w2)``. For an output gradient ``delta`` (the shape of ``out``
 - the parent layer is linear in its kernel: its gradient is a weight gradient at ``x`` and its
   output change a convolution of ``x``.
 
-These are the aten kernels autograd and ``torch.func.jvp`` call for the same products, so the
-figures equal :mod:`.first_step_autograd`'s to float32 rounding (about 1e-7 relative). A
-Linear pair is run as pointwise ``conv1d`` on a length-1 sequence, its leading dims (batch,
-tokens) flattened into the batch.
+A Linear pair is the same with matrix products (its leading dims, batch and tokens, flattened
+into rows). These are the kernels autograd and ``torch.func.jvp`` call for the same products,
+so the figures equal :mod:`.first_step_autograd`'s to float32 rounding (about 1e-7 relative).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stablemorph.equation import composite_size
@@ -57,9 +57,10 @@ _cached_gradients = functools.lru_cache(maxsize=4)(_draw)
 
 
 @dataclass
-class ConvPair:
+class FactorPair:
     """A factor pair as two convolutions (``nd`` spatial dims): ``conv1`` with ``stride``,
-    ``padding`` and ``groups``; ``conv2`` with stride 1, no padding and the same groups."""
+    ``padding`` and ``groups``; ``conv2`` with stride 1, no padding and the same groups; or
+    (``nd == 0``: 2-D weights) as two Linear layers on rows ``(M, C)``."""
 
     w1: Tensor
     b1: Tensor | None
@@ -85,7 +86,10 @@ class ConvPair:
 
     def conv(self, x: Tensor, w: Tensor, b: Tensor | None, first: bool,
              padding: list[int] | None = None) -> Tensor:
-        """``x`` through a conv with weight ``w`` and bias ``b`` in :meth:`geometry`."""
+        """``x`` through a conv with weight ``w`` and bias ``b`` in :meth:`geometry` (a Linear
+        layer where ``nd == 0``)."""
+        if self.nd == 0:
+            return F.linear(x, w, b)
         return torch.ops.aten.convolution(x, w, b, *self.geometry(first, padding))
 
     def grads(self, delta: Tensor, x: Tensor, w: Tensor, bias: bool, first: bool,
@@ -93,15 +97,18 @@ class ConvPair:
               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(grad x, grad w, grad b)`` of ``<delta, conv(x, w, b)>`` in :meth:`geometry`;
         ``grad x`` only with ``inputs``, ``grad b`` only with ``bias`` (else ``None``)."""
+        if self.nd == 0:
+            return (delta @ w if inputs else None, delta.T @ x,
+                    delta.sum(0) if bias else None)
         return torch.ops.aten.convolution_backward(
             delta, x, w, [w.shape[0]] if bias else None, *self.geometry(first, padding),
             [inputs, True, bias])
 
 
-def as_convs(block: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[ConvPair, Tensor]:
+def as_pair(block: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[FactorPair, Tensor]:
     """``block``'s factors (``first``, ``second``: both Linear or both Conv1d/2d) as a
-    :class:`ConvPair` in ``dtype``, and ``x`` batched for it: a Linear's ``(..., C_in)`` as
-    ``(M, C_in, 1)``, an unbatched conv input with a batch of one."""
+    :class:`FactorPair` in ``dtype``, and ``x`` batched for it: a Linear's ``(..., C_in)`` as
+    rows ``(M, C_in)``, an unbatched conv input with a batch of one."""
     f1, f2 = block.first, block.second
 
     def value(t: Tensor | None) -> Tensor | None:
@@ -110,20 +117,20 @@ def as_convs(block: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[ConvPair,
     w1, w2 = value(f1.weight), value(f2.weight)
     x = x.detach().to(dtype)
     if isinstance(f1, nn.Linear):
-        pair = ConvPair(w1[..., None], value(f1.bias), w2[..., None], value(f2.bias), 1, [0], 1)
-        return pair, x.reshape(-1, w1.shape[1], 1)
+        return FactorPair(w1, value(f1.bias), w2, value(f2.bias), 1, [], 1), \
+            x.reshape(-1, w1.shape[1])
     if x.dim() == w1.dim() - 1:
         x = x[None]
-    return ConvPair(w1, value(f1.bias), w2, value(f2.bias), int(f1.stride[0]),
-                    list(f1.padding), int(f1.groups)), x
+    return FactorPair(w1, value(f1.bias), w2, value(f2.bias), int(f1.stride[0]),
+                      list(f1.padding), int(f1.groups)), x
 
 
-def parent_geometry(pair: ConvPair, kernel: int) -> tuple[list[int], list[int], Tensor | None]:
+def parent_geometry(pair: FactorPair, kernel: int) -> tuple[list[int], list[int], Tensor | None]:
     """The parent layer the pair replaces, as ``(kernel shape, padding, mask)``: its kernel's
     centred ``kernel``-wide support of the composite (0 or -1: the whole composite), with the
     padding that gives the same output; where that would need negative padding, the whole
     composite and a 0/1 ``mask`` of the support (``None`` otherwise)."""
-    kc = composite_size(pair.w1.shape[-1], pair.w2.shape[-1], pair.stride)
+    kc = composite_size(pair.w1.shape[-1], pair.w2.shape[-1], pair.stride) if pair.nd else 1
     shape = [pair.w2.shape[0], pair.w1.shape[1], *[kc] * pair.nd]
     if not 0 < kernel < kc:
         return shape, pair.padding, None
@@ -140,7 +147,7 @@ def explicit_amplifications(block: nn.Module, x: Tensor, kernel: int, samples: i
     """:func:`~stablemorph.morphs.first_step.step_amplifications` without the activation's
     slopes, in float32: the mean over ``samples`` output gradients (from ``seed``) of the SGD
     and the adaptive amplification."""
-    pair, x = as_convs(block, x, torch.float32)
+    pair, x = as_pair(block, x, torch.float32)
     shape, padding, mask = parent_geometry(pair, kernel)
     parent_w = x.new_empty(shape)
     with torch.no_grad():
@@ -153,7 +160,7 @@ def explicit_amplifications(block: nn.Module, x: Tensor, kernel: int, samples: i
             for k, family in enumerate(("sgd", "adaptive"))}
 
 
-def _ratios(pair: ConvPair, x: Tensor, h: Tensor, delta: Tensor, parent_w: Tensor,
+def _ratios(pair: FactorPair, x: Tensor, h: Tensor, delta: Tensor, parent_w: Tensor,
             padding: list[int], mask: Tensor | None) -> tuple[float, float]:
     """(SGD, adaptive) amplification of the pair for one output gradient ``delta``
     (:mod:`.first_step`'s definitions)."""
