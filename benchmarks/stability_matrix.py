@@ -6,11 +6,14 @@ learning-rate regimes ``same``, ``raised`` and ``warmup`` after the morph and th
   experiment/stability.py, experiment/rules.py: pointwise pairs re-factored with an orthogonal
   second factor, the parent layer's optimiser state mapped onto the factors, and the
   learning-rate multiplier ``1 / first-step amplification`` measured on the probe, under
-  Adam times the parent layer's own typical step ``mean |m_hat| / sqrt(v_hat)``, and
-  ``adamn``: under Adam every other new entry starts at its stand-in's typical step);
+  Adam times the parent layer's own typical step ``mean |m_hat| / sqrt(v_hat)``,
+  ``adamn``: under Adam every other new entry starts at its stand-in's typical step, and
+  ``wlr``: under SGD a widen's channel group takes the learning-rate multiplier
+  ``1 / first-step amplification`` of the group, measured on the probe);
 - ``netmorph``, ``net2net``: the baselines as published;
 - ``netmorph+state+dlr+adamr``, ``net2net+state+dlr+adamr``: the baselines offered the same
-  optimiser state mapping and multiplier;
+  optimiser state mapping and multiplier (deepen, insert_subnet); ``netmorph+wlr``,
+  ``net2net+wlr``: the baselines offered the widen multiplier (widen under SGD);
 - ``parent``: the parent trained on at the same rate.
 
 Resumable: each cell's experiment lives in ``--work/<cell>`` and resumes where it stopped;
@@ -55,6 +58,9 @@ from stablemorph.experiment.stability import (
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = ["stable", "netmorph", "net2net", "netmorph+state+dlr+adamr", "net2net+state+dlr+adamr"]
+# the widen rule offered to the baselines: an SGD multiplier (under AdamW these arms would
+# repeat the published ones)
+WIDEN_ARMS = ["netmorph+wlr", "net2net+wlr"]
 BASELINES = ("netmorph", "net2net")
 REGIMES = ["same", "raised", "warmup"]
 LR = {"sgd": 0.05, "adamw": 0.003}
@@ -69,6 +75,8 @@ def _cfg(dataset: str, model: str, model_kwargs: dict, morph: str, morph_kwargs:
     # the multiplier only concerns factor pairs (deepen, insert_subnet): elsewhere the "+dlr"
     # arms would repeat the published ones
     arms = ARMS if morph in ("deepen", "insert_subnet") else ARMS[:3]
+    if morph == "widen" and optimizer == "sgd":
+        arms = ARMS[:3] + WIDEN_ARMS
     base = ExperimentConfig(
         dataset=dataset, model=model, model_kwargs=model_kwargs, morph=morph,
         morph_kwargs=morph_kwargs, schemes=list(arms), baselines=["parent"], seeds=seeds,
@@ -106,7 +114,8 @@ def cells() -> dict[str, tuple[str, ExperimentConfig]]:
                 cfg = _cfg("fashion-mnist", "cnn", {"widths": widths}, morph, kw, opt, 3,
                            limit_train=12_000, limit_test=2_000, parent_steps=600)
                 if name != FULL_FMNIST:
-                    cfg = replace(cfg, schemes=ARMS[:3])
+                    cfg = replace(cfg, schemes=ARMS[:3] + (
+                        WIDEN_ARMS if morph == "widen" and opt == "sgd" else []))
                 out[name] = ("costly", cfg)
         gpt = {"d_model": 32, "n_layer": 2, "n_head": 4, "head_dim": 8, "d_mlp": 128,
                "block_size": 32}
@@ -599,13 +608,17 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
         "Arms: `stable` = stable scheme + its default rule (`STABLE_RULE`: pointwise pairs "
         "re-factored with an orthogonal second factor, the parent layer's optimiser state "
         "mapped onto the factors, learning-rate multiplier 1/first-step amplification on the "
-        "probe, under Adam times the parent layer's typical step, and since `adamn` under "
+        "probe, under Adam times the parent layer's typical step, since `adamn` under "
         "Adam every other new entry (fresh parameters, new units of widened tensors) "
-        "starting at its stand-in's typical step; a cell's `stable_rule` is in its "
-        "provenance row; the research log is `stability_research.md`); `netmorph`, "
+        "starting at its stand-in's typical step, and since `wlr` under SGD a widen's whole "
+        "channel group (producer rows, norm entries, consumer columns) at the learning-rate "
+        "multiplier 1/first-step amplification of the group on the probe; a cell's "
+        "`stable_rule` is in its provenance row; the research log is "
+        "`stability_research.md`); `netmorph`, "
         "`net2net` as published; `+state+dlr+adamr` = the same state "
         "mapping and multipliers offered to a baseline (for widen, where there is no factor "
-        "pair, these arms are left out); `parent` = the parent "
+        "pair, these arms are left out); `+wlr` = the widen multiplier offered to a baseline "
+        "(widen under SGD; a no-op under AdamW); `parent` = the parent "
         "trained on. Drop = parent accuracy minus the worst accuracy "
         "in the first `drop_window` steps; loss rise = worst test loss in that window minus "
         "the parent's; recover = steps until the parent's accuracy is regained; moved = "

@@ -162,7 +162,7 @@ def test_record_replays_the_architecture() -> None:
     child = widen(model, "conv1", 6, scheme="net2net", seed=5, inputs=inputs("resnet"))
     record = history(child)[-1]
     assert record.kwargs == {"width": 6, "scheme": "net2net", "variant": "random", "seed": 5,
-                             "input_shape": [16, 1, 8, 8]}
+                             "step_rule": False, "input_shape": [16, 1, 8, 8]}
     replay = apply(record.op, model, record.target, **record.kwargs)
     for (k1, v1), (k2, v2) in zip(child.state_dict().items(), replay.state_dict().items(),
                                   strict=True):

@@ -165,7 +165,8 @@ def test_momentum_step_of_widened_child_keeps_the_function(scheme: str) -> None:
     parent = mlp_parent()
     opt = torch.optim.SGD(parent.parameters(), lr=0.5, momentum=0.9)
     trained(parent, opt, steps=5, in_features=8)
-    child = widen(parent, "fc1", 11, scheme=scheme, input_shape=[8, 8])
+    # the published transfer: without the widen rule's SGD multiplier (tests/test_widen_rule.py)
+    child = widen(parent, "fc1", 11, scheme=scheme, input_shape=[8, 8], step_rule=False)
     new = transfer_optimizer(opt, parent, child, rule=SCALED)
 
     for model, optimizer in ((parent, opt), (child, new)):
@@ -292,7 +293,8 @@ def test_scheduler_carries_over() -> None:
     for _ in range(4):
         trained(parent, opt, steps=1, in_features=8)
         sched.step()
-    child = widen(parent, "fc1", 8, input_shape=[8, 8])
+    # one group per original group: without the widen rule's multiplier groups
+    child = widen(parent, "fc1", 8, input_shape=[8, 8], step_rule=False)
     new_opt = transfer_optimizer(opt, parent, child)
     new_sched = transfer_scheduler(sched, new_opt)
 

@@ -116,6 +116,9 @@ _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _SCHED_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
 _SCHED_GROUP_LISTS = ("lr_lambdas", "base_momentums", "max_momentums")
 _GROUP_MAP_ATTR = "_stablemorph_group_map"
+# (group count of the first optimiser of a chain of transfers, per group its group there and
+# the product of the multipliers), so that a scheduler of that first optimiser follows a chain
+_ROOT_MAP_ATTR = "_stablemorph_root_group_map"
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,9 @@ class TransferRule:
     recorded multipliers takes its stand-in's typical step ratio ``r``
     (:func:`~stablemorph.step_rule.adaptive_step_ratio`) as its multiplier, and the new units
     of an indexed parameter have their second moments divided by ``r ** 2`` (their steps
-    times ``r`` while the borrowed moment dominates).
+    times ``r`` while the borrowed moment dominates). ``width_advice`` the SGD multiplier a
+    widen recorded for its channel group (``ParamOrigin.width_advice``; non-adaptive
+    optimisers only).
     """
 
     scaled: frozenset[str]
@@ -144,6 +149,7 @@ class TransferRule:
     adaptive_ratio: bool = True
     factor_state: bool = True
     adaptive_new: bool = True
+    width_advice: bool = True
 
     def __post_init__(self) -> None:
         if self.fresh_state not in ("none", "borrow"):
@@ -280,7 +286,20 @@ def transfer_optimizer(
     for p, state in states.items():
         new.state[p] = state
     setattr(new, _GROUP_MAP_ATTR, keys)
+    setattr(new, _ROOT_MAP_ATTR, _root_map(optimizer, keys))
     return new
+
+
+def _root_map(optimizer: torch.optim.Optimizer, keys: list[tuple[int, float]]
+              ) -> tuple[int, list[tuple[int, float]]]:
+    """``keys`` (per new group: ``optimizer``'s group, multiplier) composed with the map of
+    the transfer ``optimizer`` itself came from, back to the first optimiser of the chain;
+    with that optimiser's group count."""
+    root = getattr(optimizer, _ROOT_MAP_ATTR, None)
+    if root is None:
+        return len(optimizer.param_groups), list(keys)
+    n_root, back = root
+    return n_root, [(back[gi][0], back[gi][1] * s) for gi, s in keys]
 
 
 def transfer_scheduler(scheduler: LRScheduler, optimizer: torch.optim.Optimizer) -> LRScheduler:
@@ -289,8 +308,9 @@ def transfer_scheduler(scheduler: LRScheduler, optimizer: torch.optim.Optimizer)
 
     ``scheduler`` keeps driving its own optimiser and is not modified. The new optimiser must
     have as many param groups as the old one, or be the result of :func:`transfer_optimizer`
-    with extra ``lr_scale`` groups: the scheduler's per-group lists then grow with them
-    (``base_lrs`` and last rates scaled, lambdas repeated).
+    (or of a chain of them, starting from the scheduler's optimiser) with extra ``lr_scale``
+    groups: the scheduler's per-group lists then grow with them (``base_lrs`` and last rates
+    scaled, lambdas repeated).
     """
     old = scheduler.optimizer
     # the scheduler's own per-group lists say how many groups it drove (its optimiser may
@@ -298,6 +318,9 @@ def transfer_scheduler(scheduler: LRScheduler, optimizer: torch.optim.Optimizer)
     n_old = len(getattr(scheduler, "base_lrs", old.param_groups))
     n_new = len(optimizer.param_groups)
     group_map = getattr(optimizer, _GROUP_MAP_ATTR, None)
+    root = getattr(optimizer, _ROOT_MAP_ATTR, None)
+    if group_map and root is not None and n_old == root[0] != 1 + max(g for g, _ in group_map):
+        group_map = root[1]  # a scheduler of the first optimiser of a chain of transfers
     extend = (group_map is not None and len(group_map) == n_new
               and all(gi < n_old for gi, _ in group_map) and n_new != n_old)
     if n_old != n_new and not extend:
@@ -372,8 +395,19 @@ def _extend_group_lists(scheduler: Any, group_map: list[tuple[int, float]], n_ol
 
 def _advised(origin: ParamOrigin, optimizer: torch.optim.Optimizer,
              parent_params: dict[str, nn.Parameter], rule: TransferRule) -> float:
-    """The step rule's multiplier for a parameter of ``origin`` (module docstring; 1 without
-    a recorded ``lr_advice`` or with ``rule.lr_advice`` off)."""
+    """The step rule's multiplier for a parameter of ``origin`` (module docstring): the
+    factor pairs' (:func:`_factor_advice`) times, under a non-adaptive optimiser, the
+    recorded ``width_advice`` (with ``rule.width_advice``)."""
+    width = origin.width_advice
+    if width is None or not rule.width_advice or is_adaptive(optimizer):
+        width = 1.0
+    return width * _factor_advice(origin, optimizer, parent_params, rule)
+
+
+def _factor_advice(origin: ParamOrigin, optimizer: torch.optim.Optimizer,
+                   parent_params: dict[str, nn.Parameter], rule: TransferRule) -> float:
+    """The recorded ``lr_advice`` multiplier for the optimiser's family (1 without one or
+    with ``rule.lr_advice`` off)."""
     if origin.lr_advice is None or not rule.lr_advice:
         return 1.0
     if not is_adaptive(optimizer):

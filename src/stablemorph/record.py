@@ -51,6 +51,9 @@ class ParamOrigin:
     parameter's new entries (all of a fresh parameter without ``lr_advice``, the new units
     ``index < 0`` of an indexed one) start at their stand-in's (or source's) typical step
     (:func:`stablemorph.optim.transfer_optimizer`; set by :func:`mark_new_entries`).
+    ``width_advice``: the SGD learning-rate multiplier a widen recommends for its channel
+    group's parameters, ``1 / first-step amplification`` (:mod:`stablemorph.morphs.new_units`;
+    ``transfer_optimizer`` multiplies ``lr_scale`` by it under non-adaptive optimisers).
     """
 
     source: str | None
@@ -63,6 +66,7 @@ class ParamOrigin:
     lr_reference: str | None = None
     factor: dict[str, Any] | None = None
     adaptive_new: bool = False
+    width_advice: float | None = None
 
     @property
     def is_fresh(self) -> bool:
@@ -125,7 +129,8 @@ def compose_origins(outer: dict[str, ParamOrigin], inner: dict[str, ParamOrigin]
     sources; a fresh parameter keeps its own, and its stand-in (and ``lr_reference``) is
     mapped back to the parent. A ``factor`` record is kept while the parameter passes
     unchanged and its layer maps back to an unchanged parent layer; else it is dropped.
-    ``adaptive_new`` holds if either morph set it.
+    ``adaptive_new`` holds if either morph set it; ``width_advice`` multiplies along a chain
+    of sources.
     """
 
     def back(name: str | None) -> str | None:
@@ -161,7 +166,8 @@ def compose_origins(outer: dict[str, ParamOrigin], inner: dict[str, ParamOrigin]
 
 def _compose_rule(o: ParamOrigin, i: ParamOrigin | None, inner: dict[str, ParamOrigin]
                   ) -> dict[str, Any]:
-    """The step-rule fields (``lr_advice``, ``lr_reference``, ``factor``) of ``o`` after
+    """The step-rule fields (``lr_advice``, ``lr_reference``, ``factor``, ``adaptive_new``,
+    ``width_advice``) of ``o`` after
     ``i`` (its source's origin in ``inner``, ``None`` for a fresh ``o``)."""
 
     def unchanged(param: str | None) -> str | None:
@@ -184,8 +190,12 @@ def _compose_rule(o: ParamOrigin, i: ParamOrigin | None, inner: dict[str, ParamO
     elif factor is not None:
         layer = unchanged(f"{factor['layer']}.weight")
         factor = None if layer is None else {**factor, "layer": layer[:-len(".weight")]}
+    width = o.width_advice
+    if i is not None and i.width_advice is not None:
+        width = i.width_advice * (1.0 if width is None else width)
     return {"lr_advice": advice, "lr_reference": reference, "factor": factor,
-            "adaptive_new": o.adaptive_new or (i is not None and i.adaptive_new)}
+            "adaptive_new": o.adaptive_new or (i is not None and i.adaptive_new),
+            "width_advice": width}
 
 
 def mark_new_entries(param_map: dict[str, ParamOrigin]) -> None:

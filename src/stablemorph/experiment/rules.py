@@ -265,3 +265,28 @@ def scale_new_fan_out_(model: nn.Module, factor: float) -> None:
             if len(new):
                 p = params[name]
                 p[:, new.to(p.device)] = p[:, new.to(p.device)] * factor
+
+
+def scale_new_units_(model: nn.Module, factor: float) -> None:
+    """Scale every entry of every widen's *fresh* units by ``factor``: their incoming rows and
+    biases, their norms' weight and bias (so that a BatchNorm'd unit's output scales too) and
+    their outgoing columns (origin index negative; the ``(V, V) / (Z, -Z)`` pairs still
+    cancel, so the function is unchanged). Running statistics and activation slopes are
+    left as they are."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    scalable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm,
+                nn.GroupNorm)
+    for rec in history(model):
+        if rec.op != "widen":
+            continue
+        for name, origin in rec.report.param_map.items():
+            owner = modules.get(name.rpartition(".")[0])
+            if origin.index is None or name not in params or not isinstance(owner, scalable):
+                continue
+            p = params[name]
+            shape = [1] * p.dim()
+            shape[origin.dim] = -1
+            new = (origin.index < 0).to(p.device).view(shape)
+            with torch.no_grad():
+                p.copy_(torch.where(new, p * factor, p))

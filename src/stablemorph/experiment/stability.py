@@ -33,6 +33,7 @@ from stablemorph.experiment.rules import (
     lr_scales,
     regauge_,
     scale_new_fan_out_,
+    scale_new_units_,
     shrink_first_bias_,
     with_lr_scales,
 )
@@ -71,18 +72,23 @@ REGIMES = ("same", "raised", "warmup")
 #   iso1, iso3  middle channels rebalanced so F2's columns have 1x / 3x the He norm
 #   b1s     the first factor's bias shrunk 100x (moved into the second's)
 #   zout    (widen) the fresh units' outgoing weights scaled by 0.1 (the pairs still cancel)
+#   wsc     (widen) every entry of the fresh units (incoming, bias, norm affine, outgoing)
+#           scaled by 0.1
 #   adamn   (every morph; the stable scheme's morphs mark their new entries) under an
 #           adaptive optimiser, fresh parameters without multipliers and new units step at
 #           their stand-in's typical step (lr x r; new units' v / r^2)
+#   wlr     (widen) under SGD, the widened group's parameters get the learning-rate
+#           multiplier 1 / first-step amplification measured on the probe
+#           (stablemorph.morphs.new_units; ParamOrigin.width_advice)
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
-               "orth2", "adamr", "zout", "adamn")
-TRANSFER_OPTIONS = ("dlr", "state", "adamr", "adamn")  # applied by transfer_optimizer
+               "orth2", "adamr", "zout", "adamn", "wlr", "wsc")
+TRANSFER_OPTIONS = ("dlr", "state", "adamr", "adamn", "wlr")  # applied by transfer_optimizer
 REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
 # The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
 # means in an experiment unless "+raw" is given.
-STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr", "adamn")
-# the morphs that take the step rule (factor pairs)
-RULE_MORPHS = ("deepen", "insert_subnet")
+STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr", "adamn", "wlr")
+# the morphs that take the step rule option
+RULE_MORPHS = ("deepen", "insert_subnet", "widen")
 
 
 def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
@@ -133,7 +139,7 @@ def plan_arm(name: str, stable_rule: tuple[str, ...] | list[str] = STABLE_RULE) 
     rule = TransferRule(RULE.scaled, RULE.fresh_state,
                         lr_advice="dlr" in options and "slope" not in options,
                         adaptive_ratio="adamr" in options, factor_state="state" in options,
-                        adaptive_new="adamn" in options)
+                        adaptive_new="adamn" in options, width_advice="wlr" in options)
     return ArmPlan(scheme, tuple(options), step_rule, rule)
 
 
@@ -368,6 +374,8 @@ def grow(
         group["lr_scale"] = s
     if "zout" in options:
         scale_new_fan_out_(child, 0.1)
+    if "wsc" in options:
+        scale_new_units_(child, 0.1)
     if "b1s" in options:
         shrink_first_bias_(child, 0.01)
     if "gauge" in options:

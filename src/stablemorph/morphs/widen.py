@@ -34,6 +34,7 @@ a group when its size is even), the width being the current one plus whole group
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +50,9 @@ from stablemorph.morphs.contract import (
     get_layer,
     run_morph,
 )
+from stablemorph.morphs.new_units import widen_energy
 from stablemorph.record import ParamOrigin
-from stablemorph.schemes import TABLE, get_scheme
+from stablemorph.schemes import TABLE, get_scheme, step_rule_on
 
 VARIANTS = {name: s.widen_variants for name, s in TABLE.items()}
 
@@ -215,6 +217,31 @@ def apply_plan(child: nn.Module, group: ChannelGroup, plan: WidenPlan,
     return origins
 
 
+def step_rule_advice(parent: nn.Module, child: nn.Module, group: ChannelGroup,
+                     origins: dict[str, ParamOrigin], probe: Any) -> list[str]:
+    """The widen step rule: record on every changed parameter of the group the SGD
+    learning-rate multiplier ``1 / amplification`` (:mod:`stablemorph.morphs.new_units`,
+    measured on ``probe``) as ``width_advice``: the group's first SGD step then moves the
+    consumers' outputs as much as the parent's did. Adaptive optimisers normalise each
+    entry's step; there the new units start at their source's typical step instead
+    (``adaptive_new``). Returns the report's notes; records nothing where the probe does not
+    reach the group's consumers (the morph's verification reports why)."""
+    consumers = [u.module for u in group.uses if u.kind == "consumer"]
+    try:
+        energy = widen_energy(parent, child, origins, consumers, probe)
+    except Exception as err:  # the verification runs the same forward next and reports it
+        return [f"step rule: not measured ({type(err).__name__}: {err})"]
+    amp = energy.amplification()
+    advice = 1.0 / max(amp, 1e-12)
+    for origin in origins.values():
+        if origin.index is not None and origin.source is not None:
+            origin.width_advice = advice
+    return [f"step rule: first SGD step {amp:.3g}x the parent's over the widened group "
+            f"(new units: incoming {energy.new_in / max(energy.parent, 1e-30):.3g}, "
+            f"outgoing {energy.new_out / max(energy.parent, 1e-30):.3g}); SGD lr multiplier "
+            f"{advice:.3g}"]
+
+
 def _check_width(target: str, current: int, width: int, group: ChannelGroup) -> None:
     """Norms over the channels allow only some widths: refuse others with the nearest."""
     if group.block == 0 and width % current:
@@ -245,6 +272,7 @@ def widen(
     inputs: Tensor | Sequence[Tensor] | None = None,
     input_shape: Sequence[int] | None = None,
     tol: float | None = None,
+    step_rule: bool | None = None,
 ) -> nn.Module:
     """A copy of ``model`` in which layer ``target`` and every layer tied to its units have
     ``width`` output units, computing the same function.
@@ -262,6 +290,10 @@ def widen(
         seed: seeds every random choice (units copied, random weights).
         inputs / input_shape: the probe batch to verify on (see :mod:`.contract`).
         tol: largest accepted ``max_rel`` (default by dtype; float32: 1e-5).
+        step_rule: the step rule (:func:`step_rule_advice`; under an adaptive optimiser the
+            new units start at their source's typical step, ``ParamOrigin.adaptive_new``);
+            ``None``: the scheme's default (on for ``"stable"`` only). Only True, False or
+            None.
 
     Returns:
         The child, with a :class:`~stablemorph.record.MorphRecord` attached.
@@ -272,6 +304,10 @@ def widen(
             failed in and why), or a failed verification.
     """
     check_scheme(scheme)
+    try:
+        rule = step_rule_on(scheme, step_rule)
+    except ValueError as err:
+        raise MorphError(f"widen {target!r}: {err}") from None
     variant = variant or VARIANTS[scheme][0]
     if variant not in VARIANTS[scheme]:
         raise MorphError(f"unknown variant {variant!r} for widen scheme {scheme!r}; "
@@ -301,7 +337,10 @@ def widen(
         origins = apply_plan(child, group, plan, gen)
         notes = [f"channel group: producers {group.producers}",
                  f"{len(group.uses)} modules read the channels", *plan.notes]
+        if rule:
+            notes += step_rule_advice(model, child, group, origins, probe)
         return Surgery(origins=origins, notes=notes)
 
-    kwargs = {"width": width, "scheme": scheme, "variant": variant, "seed": seed}
+    kwargs = {"width": width, "scheme": scheme, "variant": variant, "seed": seed,
+              "step_rule": rule}
     return run_morph("widen", model, target, scheme, kwargs, surgery, inputs, input_shape, tol)

@@ -57,8 +57,11 @@ def grow_mlp(
         specs = list(child.config.blocks)
         shape = [2, min(8, child.config.block_size), child.config.d_model]
         for b in chosen:
+            # the GPT growth's own rule (out_scale; adaptive_new marked by run_morph), not
+            # widen's SGD multiplier, measured on CNN/MLP widen only (stability_research.md)
             block = widen(child.blocks[b], "mlp.fc", d_mlp, scheme=opts.scheme,
-                          seed=opts.seed + b, input_shape=shape, tol=opts.tol)
+                          seed=opts.seed + b, input_shape=shape, tol=opts.tol,
+                          step_rule=False)
             report = last_report(block)
             object.__delattr__(block, HISTORY_ATTR)
             if opts.scheme == "stable":

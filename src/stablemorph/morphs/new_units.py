@@ -1,0 +1,160 @@
+"""How much a widen's new units move the function at the first SGD step, measured on the
+probe batch (the stable scheme's widen rule, issue 9; numbers in
+``benchmarks/results/stability_research.md``).
+
+A widen adds units to a channel group: rows of its producers (and their biases), entries of
+the channel-wise modules on the way (norms, PAct), columns of its consumers. For random
+gradients ``delta`` at the consumers' outputs (the same seeded directions as
+:mod:`stablemorph.morphs.first_step`), one SGD step ``-lr grad`` changes those outputs to
+first order by ``<delta, dOut> = -lr ||grad||^2``: the squared gradient norm over a set of
+parameters is the first-step *energy* those parameters put into the function.
+:func:`widen_energy` splits the child's energy over the group's parameters into the old
+units' share (equal to the parent's: the child computes the same function), the new units'
+incoming side (producer rows, biases, norm entries) and their outgoing side (consumer
+columns), and measures the parent's over the same parameters.
+
+For the stable scheme's pairs (incoming ``(V, V)``, outgoing ``(Z, -Z)``) the incoming side's
+gradient is proportional to ``Z`` and the outgoing side's does not depend on ``Z``: with the
+fan-out scaled by ``s`` the new units' energy is ``new_out + s^2 new_in``
+(:meth:`WidenEnergy.new_units`). NetMorph's zero fan-out units have ``new_out`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stablemorph.morphs.first_step import SAMPLES, SEED
+from stablemorph.record import ParamOrigin
+from stablemorph.verify import Probe, preserved_state
+
+
+@dataclass(frozen=True)
+class WidenEnergy:
+    """First-step energies (module docstring), each a mean over the random directions.
+
+    ``parent``: the parent's, over the parameters the group's changed parameters come from;
+    ``old``: the child's old units' (equals ``parent`` up to rounding); ``new_in`` / ``new_out``:
+    the new units' incoming and outgoing sides'. ``units``: the number of old units."""
+
+    parent: float
+    old: float
+    new_in: float
+    new_out: float
+    units: int
+
+    def new_units(self, fan_out: float = 1.0) -> float:
+        """The new units' energy with their fan-out scaled by ``fan_out``."""
+        return self.new_out + fan_out**2 * self.new_in
+
+    def amplification(self, fan_out: float = 1.0) -> float:
+        """The child's first-step energy over the group's parameters relative to the
+        parent's (1: the parent's step)."""
+        return (self.old + self.new_units(fan_out)) / max(self.parent, 1e-30)
+
+
+def _train_mode(model: nn.Module) -> None:
+    """Training mode as the optimiser sees it, without dropout's randomness."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+
+
+def _energies(model: nn.Module, probe: Probe, consumers: list[str],
+              parts: dict[str, list[tuple[str, Tensor | None]]], samples: int, seed: int
+              ) -> dict[str, float]:
+    """Mean squared gradient norm of ``<delta, consumer outputs>`` over each part: ``parts``
+    maps a part's name to ``(parameter name, entry mask or None for all)`` pairs."""
+    params = dict(model.named_parameters())
+    names = sorted({n for members in parts.values() for n, _ in members})
+    outs: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [modules[c].register_forward_hook(
+        lambda m, a, out, c=c: outs.setdefault(c, out)) for c in consumers]
+    try:
+        # the backward needs the forward's buffers (BatchNorm's running statistics) as they
+        # were: it runs before preserved_state restores them
+        with preserved_state(model), torch.random.fork_rng(), torch.enable_grad():
+            _train_mode(model)
+            probe.run(model)
+            missing = [c for c in consumers if c not in outs]
+            if missing:
+                raise ValueError(f"the consumers {missing} are never called on the probe batch")
+            total = _sum_squares([outs[c] for c in consumers], [params[n] for n in names],
+                                 names, parts, samples, seed)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _sum_squares(outs: list[Tensor], tensors: list[Tensor], names: list[str],
+                 parts: dict[str, list[tuple[str, Tensor | None]]], samples: int, seed: int
+                 ) -> dict[str, float]:
+    """Mean over ``samples`` seeded random ``delta`` of ``||d<delta, outs>/d part||^2``."""
+    gen = torch.Generator().manual_seed(seed)
+    total = {part: 0.0 for part in parts}
+    for _ in range(samples):
+        deltas = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
+                  for o in outs]
+        grads = torch.autograd.grad(outs, tensors, deltas, retain_graph=True,
+                                    allow_unused=True)
+        by_name = dict(zip(names, grads, strict=True))
+        for part, members in parts.items():
+            for n, mask in members:
+                g = by_name[n]
+                if g is not None:
+                    total[part] += float((g if mask is None else g[mask]).double().pow(2).sum())
+    return {part: v / samples for part, v in total.items()}
+
+
+def _new_mask(p: Tensor, origin: ParamOrigin) -> Tensor:
+    """Boolean mask of ``p``'s new-unit entries (``index < 0`` along ``origin.dim``)."""
+    shape = [1] * p.dim()
+    shape[origin.dim] = -1
+    new = (origin.index < 0).to(p.device).view(shape)
+    return new.expand_as(p)
+
+
+def widen_energy(parent: nn.Module, child: nn.Module, origins: dict[str, ParamOrigin],
+                 consumers: Iterable[str], probe: Any, *, samples: int = SAMPLES,
+                 seed: int = SEED) -> WidenEnergy:
+    """The first-step energies of a widen (module docstring).
+
+    Args:
+        parent, child: the models before and after the widen (same consumer names, same
+            consumer output shapes); neither is changed (modes, buffers, RNG restored).
+        origins: the widen's changed parameters (child name -> origin with ``index`` along
+            the unit dim ``dim``; ``index < 0``: new units).
+        consumers: the dense modules that read the widened channels (their outputs are where
+            the random gradients enter).
+        probe: the batch (a tensor, or a :class:`~stablemorph.verify.Probe`).
+
+    Raises:
+        ValueError: a consumer never called on the probe.
+    """
+    probe = Probe.of(probe)
+    consumers = list(consumers)
+    cparams = dict(child.named_parameters())
+    grouped = {n: o for n, o in origins.items()
+               if o.index is not None and o.source is not None and n in cparams}
+    units = 0
+    parts: dict[str, list[tuple[str, Tensor | None]]] = {"old": [], "new_in": [], "new_out": []}
+    for n, o in grouped.items():
+        new = _new_mask(cparams[n], o)
+        outgoing = any(n.startswith(f"{c}.") for c in consumers)
+        parts["old"].append((n, ~new))
+        parts["new_out" if outgoing else "new_in"].append((n, new))
+        if not outgoing and o.dim == 0:
+            units = max(units, int((o.index >= 0).sum()))
+    child_e = _energies(child, probe, consumers, parts, samples, seed)
+    sources = sorted({o.source for o in grouped.values() if o.source is not None})
+    parent_e = _energies(parent, probe, consumers, {"parent": [(s, None) for s in sources]},
+                         samples, seed)
+    return WidenEnergy(parent_e["parent"], child_e["old"], child_e["new_in"],
+                       child_e["new_out"], units)
