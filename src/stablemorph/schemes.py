@@ -11,10 +11,11 @@ schemes.
 | ``netmorph`` | ``auto``: zeros on the smaller side | 1 for the original, 0 | no | no | no |
 | ``net2net`` | ``random``: copies of random units | equal (1 / copies) | no | no | no |
 
-The step rule (deepen, insert_subnet; issue 9): pointwise factor pairs get an orthogonal
-second factor (:func:`stablemorph.morphs.factor.orthogonalise_`), and the morph records the
-learning-rate multipliers and the optimiser-state mapping that
-:func:`stablemorph.optim.transfer_optimizer` applies (:mod:`stablemorph.step_rule`).
+The step rule (deepen, insert_subnet, widen; issue 9): pointwise factor pairs get an
+orthogonal second factor (:func:`stablemorph.morphs.factor.orthogonalise_`), and the morph
+records the learning-rate multipliers and the optimiser-state mapping that
+:func:`stablemorph.optim.transfer_optimizer` applies (:mod:`stablemorph.step_rule`); a widen
+records its channel group's SGD multiplier (:mod:`stablemorph.morphs.new_units`).
 """
 
 from __future__ import annotations

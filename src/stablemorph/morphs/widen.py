@@ -23,6 +23,14 @@ scheme (:mod:`stablemorph.schemes`, DESIGN.md section 2) and executed by the han
   Fresh units borrow the norm/PAct parameters and statistics of a random existing channel,
   so nothing new is zero (unless the parent's copied values are).
 
+The step rule (``step_rule``, on by default for ``"stable"`` only; :mod:`stablemorph.schemes`):
+the widen measures on its probe batch how much the group's first SGD step moves the
+consumers' outputs relative to the parent's (:mod:`stablemorph.morphs.new_units`; stable's
+pairs double a doubled layer's step) and records ``1 / amplification`` as the group's SGD
+learning-rate multiplier (``ParamOrigin.width_advice``), which
+:func:`stablemorph.optim.transfer_optimizer` applies under non-adaptive optimisers; under
+adaptive ones the new units start at their source's typical step (``adaptive_new``).
+
 A LayerNorm or RMSNorm over the widened channels changes with any extra channel unless every
 unit is replicated the same number of times (mean and variance are then unchanged): there
 the width must be a multiple of the current one and all schemes replicate, differing in the
