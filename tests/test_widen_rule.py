@@ -66,12 +66,15 @@ def test_stable_widen_stays_exact_and_dense_and_records_one_multiplier_for_its_g
     assert all(o.width_advice is None for n, o in report.param_map.items() if n not in advice)
 
 
-def test_the_multiplier_is_one_over_the_groups_first_step_amplification() -> None:
+@pytest.mark.parametrize("scheme, width", [("stable", 10), ("stable", 9), ("net2net", 10)])
+def test_the_multiplier_is_one_over_the_groups_first_step_amplification(scheme: str,
+                                                                        width: int) -> None:
     """Recomputed by hand: random output gradients ``delta`` at the consumer (fc2) from the
     rule's seeded generator; the amplification is the child's summed squared gradient over
-    the group's parameters (fc1's weight and bias, fc2's weight) over the parent's."""
+    the group's parameters (fc1's weight and bias, fc2's weight) over the parent's (pairs;
+    an odd count's split copy and net2net's copies change old units' shares)."""
     model, x = parent("mlp")
-    child = widen(model, "fc1", 10, inputs=x)
+    child = widen(model, "fc1", width, scheme=scheme, inputs=x, step_rule=True)
     group = ("fc1.weight", "fc1.bias", "fc2.weight")
 
     def energy(m: nn.Module) -> float:

@@ -11,7 +11,9 @@ parameters is the first-step *energy* those parameters put into the function.
 :func:`widen_energy` splits the child's energy over the group's parameters into the old
 units' share (equal to the parent's: the child computes the same function), the new units'
 incoming side (producer rows, biases, norm entries) and their outgoing side (consumer
-columns), and measures the parent's over the same parameters.
+columns), and measures the parent's over the same parameters (where the old units keep
+the parent's values, as stable's pairs and NetMorph's units do, the parent's equals the old
+units' in the child: the same function, the same gradients, and that pass is saved).
 
 For the stable scheme's pairs (incoming ``(V, V)``, outgoing ``(Z, -Z)``) the incoming side's
 gradient is proportional to ``Z`` and the outgoing side's does not depend on ``Z``: with the
@@ -39,13 +41,13 @@ class WidenEnergy:
 
     ``parent``: the parent's, over the parameters the group's changed parameters come from;
     ``old``: the child's old units' (equals ``parent`` up to rounding); ``new_in`` / ``new_out``:
-    the new units' incoming and outgoing sides'. ``units``: the number of old units."""
+    the new units' incoming and outgoing sides' (new: no parent counterpart, or a second
+    holder of a parent position: copies, the norm entries a fresh unit borrows)."""
 
     parent: float
     old: float
     new_in: float
     new_out: float
-    units: int
 
     def new_units(self, fan_out: float = 1.0) -> float:
         """The new units' energy with their fan-out scaled by ``fan_out``."""
@@ -65,6 +67,10 @@ def _train_mode(model: nn.Module) -> None:
             m.eval()
 
 
+class _Enough(Exception):
+    """Raised by the last consumer's hook: the rest of the forward is not needed."""
+
+
 def _energies(model: nn.Module, probe: Probe, consumers: list[str],
               parts: dict[str, list[tuple[str, Tensor | None]]], samples: int, seed: int
               ) -> dict[str, float]:
@@ -74,14 +80,23 @@ def _energies(model: nn.Module, probe: Probe, consumers: list[str],
     names = sorted({n for members in parts.values() for n, _ in members})
     outs: dict[str, Tensor] = {}
     modules = dict(model.named_modules())
-    handles = [modules[c].register_forward_hook(
-        lambda m, a, out, c=c: outs.setdefault(c, out)) for c in consumers]
+
+    def hook(c: str, out: Tensor) -> None:
+        outs.setdefault(c, out)
+        if len(outs) == len(consumers):
+            raise _Enough
+
+    handles = [modules[c].register_forward_hook(lambda m, a, out, c=c: hook(c, out))
+               for c in consumers]
     try:
         # the backward needs the forward's buffers (BatchNorm's running statistics) as they
         # were: it runs before preserved_state restores them
         with preserved_state(model), torch.random.fork_rng(), torch.enable_grad():
             _train_mode(model)
-            probe.run(model)
+            try:
+                probe.run(model)
+            except _Enough:
+                pass
             missing = [c for c in consumers if c not in outs]
             if missing:
                 raise ValueError(f"the consumers {missing} are never called on the probe batch")
@@ -113,12 +128,30 @@ def _sum_squares(outs: list[Tensor], tensors: list[Tensor], names: list[str],
     return {part: v / samples for part, v in total.items()}
 
 
+def _new_positions(index: Tensor) -> Tensor:
+    """Positions along the unit dim that are new: no parent counterpart (``index < 0``) or a
+    copy of a parent position an earlier one already holds (a copied unit, or the norm
+    entries a fresh unit borrows from its template)."""
+    pos = torch.arange(len(index))
+    known = index >= 0
+    first = torch.full((int(index.max()) + 1 if bool(known.any()) else 1,), len(index))
+    first = first.scatter_reduce(0, index[known], pos[known], "amin")
+    return ~known | (first[index.clamp(min=0)] != pos)
+
+
 def _new_mask(p: Tensor, origin: ParamOrigin) -> Tensor:
-    """Boolean mask of ``p``'s new-unit entries (``index < 0`` along ``origin.dim``)."""
+    """Boolean mask of ``p``'s new-unit entries along ``origin.dim``."""
     shape = [1] * p.dim()
     shape[origin.dim] = -1
-    new = (origin.index < 0).to(p.device).view(shape)
-    return new.expand_as(p)
+    return _new_positions(origin.index).to(p.device).view(shape).expand_as(p)
+
+
+def _old_kept(origin: ParamOrigin) -> bool:
+    """Whether the old positions hold the parent's values unchanged (scale 1)."""
+    if origin.scale is None:
+        return True
+    old = ~_new_positions(origin.index)
+    return bool((origin.scale.double()[old] == 1.0).all())
 
 
 def widen_energy(parent: nn.Module, child: nn.Module, origins: dict[str, ParamOrigin],
@@ -143,18 +176,20 @@ def widen_energy(parent: nn.Module, child: nn.Module, origins: dict[str, ParamOr
     cparams = dict(child.named_parameters())
     grouped = {n: o for n, o in origins.items()
                if o.index is not None and o.source is not None and n in cparams}
-    units = 0
     parts: dict[str, list[tuple[str, Tensor | None]]] = {"old": [], "new_in": [], "new_out": []}
     for n, o in grouped.items():
         new = _new_mask(cparams[n], o)
         outgoing = any(n.startswith(f"{c}.") for c in consumers)
         parts["old"].append((n, ~new))
         parts["new_out" if outgoing else "new_in"].append((n, new))
-        if not outgoing and o.dim == 0:
-            units = max(units, int((o.index >= 0).sum()))
     child_e = _energies(child, probe, consumers, parts, samples, seed)
+    if all(_old_kept(o) for o in grouped.values()):
+        # the old units hold the parent's values and the child computes the parent's
+        # function: their gradients are the parent's (one pass saved)
+        return WidenEnergy(child_e["old"], child_e["old"], child_e["new_in"],
+                           child_e["new_out"])
     sources = sorted({o.source for o in grouped.values() if o.source is not None})
     parent_e = _energies(parent, probe, consumers, {"parent": [(s, None) for s in sources]},
                          samples, seed)
     return WidenEnergy(parent_e["parent"], child_e["old"], child_e["new_in"],
-                       child_e["new_out"], units)
+                       child_e["new_out"])
