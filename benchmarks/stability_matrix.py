@@ -656,6 +656,36 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
     return path
 
 
+def readme_table(entries: dict[str, dict[str, Any]], regimes: tuple[str, ...] = ("raised",
+                 "warmup")) -> list[str]:
+    """The README's table (mean over seeds per cell and regime): stable's drop (loss rise for
+    the language model), the published baselines', the baselines offered the rule's
+    optimiser parts, the parent trained on, and final accuracy (loss) of stable and of the
+    better published baseline."""
+    rows = ["| cell (seeds) | lr after | stable: drop (GPT: loss rise, nats) | netmorph | "
+            "net2net | netmorph / net2net + rule's optimiser parts | parent trained on | "
+            "final acc (GPT: loss) stable / best published |", "|---|---|---|---|---|---|---|---|"]
+    for name, entry in entries.items():
+        metric = _metric(name, entry)
+        final, best = ("final_loss", min) if metric == "loss_rise" else ("final_acc", max)
+        seeds = (entry.get("config") or {}).get("seeds", "?")
+        for regime in regimes:
+            arms = entry["summary"].get(regime, {}).get("arms", {})
+            if "stable" not in arms:
+                continue
+
+            def m(arm: str, key: str = metric, arms: dict = arms) -> str:
+                return f"{_mean(arms[arm], key):.3f}" if arm in arms else "-"
+
+            offered = [next((a for a in arms if a.startswith(f"{b}+")), "") for b in BASELINES]
+            rule = " / ".join(m(a) for a in offered) if all(offered) else "-"
+            published = [_mean(arms[b], final) for b in BASELINES if b in arms]
+            rows.append(f"| {name} ({seeds}) | {regime} | **{m('stable')}** | {m('netmorph')} "
+                        f"| {m('net2net')} | {rule} | {m('parent')} | {m('stable', final)} / "
+                        f"{best(published):.3f} |")
+    return rows
+
+
 def heatmap(entries: dict[str, dict[str, Any]], results: Path) -> None:
     """Two panels per cell and regime: stable over the better published baseline, and
     stable's excess over the parent over the baseline's excess (log2 colour)."""
@@ -707,11 +737,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="where stability_matrix.{md,json,png} are written; the JSON "
                         "already there supplies the cells whose run folder is absent")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    parser.add_argument("--readme-table", action="store_true",
+                        help="print the README's table from the committed JSON and exit")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rebuild the report from the run folders and the "
                         "committed JSON")
     args = parser.parse_args(argv)
     table = cells()
+    if args.readme_table:
+        stored = load_results(args.results / "stability_matrix.json", table)
+        print("\n".join(readme_table({n: stored[n] for n in table if n in stored})))
+        return 0
     if args.list:
         for name, (cost, _) in table.items():
             print(f"{cost:7s} {name}")

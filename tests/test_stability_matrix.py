@@ -142,3 +142,14 @@ def test_stable_worse_beyond_the_paired_spread_is_named():
     j = matrix.judge(_regime(0.05, 0.01, 0.02, 0.0))
     assert set(j["worse"]) == {"netmorph", "net2net"}
     assert matrix.judge(_regime(0.0, 0.0, 0.001, 0.0))["judged"] is False
+
+
+def test_the_readme_table_is_built_from_the_stored_means():
+    regime = _regime(0.02, 0.06, 0.05, 0.01)
+    regime["arms"]["stable"][0]["final_acc"] = 0.93  # mean 0.91 over the three seeds
+    regime["arms"]["net2net+state"] = regime["arms"]["parent"]
+    regime["arms"]["netmorph+state"] = regime["arms"]["parent"]
+    rows = matrix.readme_table({"c": {"config": {"seeds": 3}, "summary": {"raised": regime}}})
+    assert rows[2] == ("| c (3) | raised | **0.021** | 0.061 | 0.051 | 0.011 / 0.011 | 0.011 "
+                       "| 0.910 / 0.900 |")
+    assert len(rows) == 3  # no warmup regime stored: no row
