@@ -23,7 +23,7 @@ fan-out scaled by ``s`` the new units' energy is ``new_out + s^2 new_in``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,13 +71,16 @@ class _Enough(Exception):
     """Raised by the last consumer's hook: the rest of the forward is not needed."""
 
 
-def _energies(model: nn.Module, probe: Probe, consumers: list[str],
-              parts: dict[str, list[tuple[str, Tensor | None]]], samples: int, seed: int
-              ) -> dict[str, float]:
-    """Mean squared gradient norm of ``<delta, consumer outputs>`` over each part: ``parts``
-    maps a part's name to ``(parameter name, entry mask or None for all)`` pairs."""
+Parts = dict[str, list[tuple[str, int, Tensor | None]]]
+"""A part's name -> ``(parameter name, unit dim, (units,) bool mask of the part's units or
+None for all)`` members."""
+
+
+def _energies(model: nn.Module, probe: Probe, consumers: list[str], parts: Parts,
+              samples: int, seed: int) -> dict[str, float]:
+    """Mean squared gradient norm of ``<delta, consumer outputs>`` over each part."""
     params = dict(model.named_parameters())
-    names = sorted({n for members in parts.values() for n, _ in members})
+    names = sorted({n for members in parts.values() for n, _, _ in members})
     outs: dict[str, Tensor] = {}
     modules = dict(model.named_modules())
 
@@ -108,24 +111,52 @@ def _energies(model: nn.Module, probe: Probe, consumers: list[str],
     return total
 
 
-def _sum_squares(outs: list[Tensor], tensors: list[Tensor], names: list[str],
-                 parts: dict[str, list[tuple[str, Tensor | None]]], samples: int, seed: int
-                 ) -> dict[str, float]:
-    """Mean over ``samples`` seeded random ``delta`` of ``||d<delta, outs>/d part||^2``."""
+def _directions(outs: list[Tensor], samples: int, seed: int) -> Iterator[list[Tensor]]:
+    """The seeded random output gradients, one list (one per output, its shape, dtype and
+    device) per sample: drawn in float64 sample by sample, output by output (the same
+    numbers as :mod:`stablemorph.morphs.first_step`'s directions)."""
     gen = torch.Generator().manual_seed(seed)
-    total = {part: 0.0 for part in parts}
     for _ in range(samples):
-        deltas = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
-                  for o in outs]
-        grads = torch.autograd.grad(outs, tensors, deltas, retain_graph=True,
+        yield [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
+               for o in outs]
+
+
+def _unit_squares(g: Tensor, dim: int) -> Tensor:
+    """``(g.shape[dim],)`` float64: the squares of ``g`` summed over every dim but ``dim``.
+
+    The dims after ``dim`` (contiguous: one unit's fan, a few thousand entries) are summed
+    in ``g``'s dtype, those before it in float64: within 1e-9 relative of the all-float64
+    sum on a ResNet's 3x3 convolutions, in a third of its time."""
+    squares = g.pow(2)
+    inner = list(range(dim + 1, g.dim()))
+    if inner:
+        squares = squares.sum(inner)
+    return squares.sum(list(range(dim)), dtype=torch.float64) if dim else squares.double()
+
+
+def _sum_squares(outs: list[Tensor], tensors: list[Tensor], names: list[str], parts: Parts,
+                 samples: int, seed: int) -> dict[str, float]:
+    """Mean over ``samples`` seeded random ``delta`` of ``||d<delta, outs>/d part||^2``.
+
+    One backward per direction: a batched one (``is_grads_batched``) gave the same figures
+    but took twice the time on a ResNet-18's convolutions (its vmap over the weight
+    gradient's convolution)."""
+    total = {part: torch.zeros((), dtype=torch.float64) for part in parts}
+    for s, deltas in enumerate(_directions(outs, samples, seed)):
+        grads = torch.autograd.grad(outs, tensors, deltas, retain_graph=s + 1 < samples,
                                     allow_unused=True)
         by_name = dict(zip(names, grads, strict=True))
+        units: dict[tuple[str, int], Tensor] = {}
         for part, members in parts.items():
-            for n, mask in members:
+            for n, dim, mask in members:
                 g = by_name[n]
-                if g is not None:
-                    total[part] += float((g if mask is None else g[mask]).double().pow(2).sum())
-    return {part: v / samples for part, v in total.items()}
+                if g is None:
+                    continue
+                if (n, dim) not in units:
+                    units[n, dim] = _unit_squares(g, dim).cpu()
+                u = units[n, dim]
+                total[part] += u.sum() if mask is None else u[mask].sum()
+    return {part: float(v) / samples for part, v in total.items()}
 
 
 def _new_positions(index: Tensor) -> Tensor:
@@ -137,13 +168,6 @@ def _new_positions(index: Tensor) -> Tensor:
     first = torch.full((int(index.max()) + 1 if bool(known.any()) else 1,), len(index))
     first = first.scatter_reduce(0, index[known], pos[known], "amin")
     return ~known | (first[index.clamp(min=0)] != pos)
-
-
-def _new_mask(p: Tensor, origin: ParamOrigin) -> Tensor:
-    """Boolean mask of ``p``'s new-unit entries along ``origin.dim``."""
-    shape = [1] * p.dim()
-    shape[origin.dim] = -1
-    return _new_positions(origin.index).to(p.device).view(shape).expand_as(p)
 
 
 def _old_kept(origin: ParamOrigin) -> bool:
@@ -176,12 +200,12 @@ def widen_energy(parent: nn.Module, child: nn.Module, origins: dict[str, ParamOr
     cparams = dict(child.named_parameters())
     grouped = {n: o for n, o in origins.items()
                if o.index is not None and o.source is not None and n in cparams}
-    parts: dict[str, list[tuple[str, Tensor | None]]] = {"old": [], "new_in": [], "new_out": []}
+    parts: Parts = {"old": [], "new_in": [], "new_out": []}
     for n, o in grouped.items():
-        new = _new_mask(cparams[n], o)
+        new = _new_positions(o.index)
         outgoing = any(n.startswith(f"{c}.") for c in consumers)
-        parts["old"].append((n, ~new))
-        parts["new_out" if outgoing else "new_in"].append((n, new))
+        parts["old"].append((n, o.dim, ~new))
+        parts["new_out" if outgoing else "new_in"].append((n, o.dim, new))
     child_e = _energies(child, probe, consumers, parts, samples, seed)
     if all(_old_kept(o) for o in grouped.values()):
         # the old units hold the parent's values and the child computes the parent's
@@ -189,7 +213,7 @@ def widen_energy(parent: nn.Module, child: nn.Module, origins: dict[str, ParamOr
         return WidenEnergy(child_e["old"], child_e["old"], child_e["new_in"],
                            child_e["new_out"])
     sources = sorted({o.source for o in grouped.values() if o.source is not None})
-    parent_e = _energies(parent, probe, consumers, {"parent": [(s, None) for s in sources]},
+    parent_e = _energies(parent, probe, consumers, {"parent": [(s, 0, None) for s in sources]},
                          samples, seed)
     return WidenEnergy(parent_e["parent"], child_e["old"], child_e["new_in"],
                        child_e["new_out"])
