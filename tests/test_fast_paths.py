@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from stablemorph import probe_outputs
+from stablemorph import probe_outputs, solvers
+from stablemorph.activations import PAct
 from stablemorph.bilinear import _scatter_matrix
 from stablemorph.equation import (
     composite,
@@ -117,6 +118,25 @@ def test_cancelling_pairs_leave_no_near_zeros(c_in: int, c_out: int, c_mid: int)
     assert rep.near_zero_fraction == sparsity(F1, F2)[1]
 
 
+@pytest.mark.parametrize(("c_in", "c_out", "c_mid"), [(128, 128, 130), (64, 128, 66),
+                                                 (16, 8, 12)])
+def test_pairs_rotation_of_the_identity_side_is_the_full_product(
+        c_in: int, c_out: int, c_mid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotation skips the identity's zeros (identity in F2, in F1, and several groups of
+    pairs): the same factors as the full product, to float64 rounding, and the same float32
+    factors bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    G = torch.randn(c_out, c_in, 3, 3, generator=gen, dtype=torch.float64) * 0.1
+    fast = decompose(G, c_mid, (3, 3), variant="pairs")
+    monkeypatch.setattr(solvers, "_rotate_identity",
+                        lambda F, X, used: torch.einsum("jnm,jmca->jnca", X, F))
+    full = decompose(G, c_mid, (3, 3), variant="pairs")
+    for a, b in zip(fast[:2], full[:2], strict=True):
+        assert_close(a, b, rtol=0, atol=1e-15 * float(b.abs().max()))
+        assert torch.equal(a.float(), b.float())
+    assert fast[2].how == full[2].how == "pairs"
+
+
 def test_levenberg_marquardt_mixed_precision_reaches_float64_tolerance() -> None:
     gen = torch.Generator().manual_seed(3)
     G = torch.randn(8, 8, 5, 5, generator=gen, dtype=torch.float64) * 0.1
@@ -217,3 +237,64 @@ def test_a_solve_under_inference_mode_leaves_the_matrix_form_usable_by_autograd(
     loss = (shape.apply(A, shape.f1_to_b(F1.clone())) - shape.target(pad_kernel(G, 5))).pow(2)
     loss.sum().backward()
     assert A.grad is not None and A.grad.abs().max() < 1e-8
+
+
+class CountingReLU(nn.ReLU):
+    """A ReLU that counts its calls (to see whether PAct's formula ran)."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        CountingReLU.calls += 1
+        return super().forward(x)
+
+
+def pact_formula(act: PAct, x: torch.Tensor) -> torch.Tensor:
+    """``(1 - a) phi(x) + a x`` written out as the slow path computes it."""
+    a = act._a_shaped(x)
+    return x + (1 - a) * (act.phi(x) - x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [None, 6])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "sigmoid", "leaky_relu"])
+def test_pact_identity_fast_path_is_the_formula(dtype: torch.dtype, channels: int | None,
+                                                activation: str) -> None:
+    act = PAct(activation, channels=channels, dtype=dtype)
+    x = torch.randn(3, 6, 5, 5, generator=torch.Generator().manual_seed(1), dtype=dtype) * 50
+    with torch.no_grad():
+        fast = act(x)
+        want = pact_formula(act, x)
+    assert torch.equal(fast, want) and fast.dtype == want.dtype
+    assert fast.data_ptr() != x.data_ptr()  # a fresh tensor, as the formula gives
+
+
+def test_pact_fast_path_taken_only_at_one_without_gradients() -> None:
+    act = PAct(CountingReLU(), channels=4)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    CountingReLU.calls = 0
+    with torch.no_grad():
+        act(x)
+    assert CountingReLU.calls == 0  # a = 1, no gradient: the formula is skipped
+    y = act(x)  # gradients recorded: the formula runs and a gets its gradient
+    assert CountingReLU.calls == 1
+    y.sum().backward()
+    assert_close(act.a.grad, (x - torch.relu(x)).sum((0, 2, 3)))
+    with torch.no_grad():
+        act.a[1] = 0.5  # an in-place change: the cached answer is renewed
+        out = act(x)
+    assert CountingReLU.calls == 2
+    with torch.no_grad():
+        assert torch.equal(out, pact_formula(act, x))  # phi's third call
+        act.a.fill_(1.0)
+        assert torch.equal(act(x), x)
+    assert CountingReLU.calls == 3
+
+
+def test_pact_fast_path_keeps_the_formulas_dtype_promotion() -> None:
+    act = PAct("relu", channels=4, dtype=torch.float64)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = act(x)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, pact_formula(act, x))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -82,10 +83,47 @@ class PAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a = self._a_shaped(x)
+        if self._identity_now(x):
+            # a == 1 everywhere: (1 - a) (phi(x) - x) is exactly 0 for finite x, so the
+            # formula returns x; a copy, as the formula gives a fresh tensor
+            return x.clone()
         return x + (1 - a) * (self.phi(x) - x)
+
+    def _identity_now(self, x: Tensor) -> bool:
+        """True when this forward on ``x`` may skip the formula: no gradient is being
+        recorded for ``a`` (a morph's checks run under ``no_grad``), not inside
+        ``torch.compile``, ``a`` of ``x``'s dtype and device, and every ``a`` exactly 1
+        (:func:`_all_ones`).
+
+        At a = 1 the output equals the formula's for every finite input (bitwise, except that
+        ``-0.0`` stays ``-0.0`` where the formula gives ``+0.0``); an infinite input passes
+        through as itself where the formula gives NaN (``0 * inf``)."""
+        a = self.a
+        if (torch.is_grad_enabled() and a.requires_grad) or torch.compiler.is_compiling() \
+                or a.dtype != x.dtype or a.device != x.device:  # the formula would promote
+            return False
+        return _all_ones(a)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, channel_dim={self.channel_dim}"
+
+
+#: a -> (in-place version, storage address, all ones): the comparison runs once per value
+#: of ``a``, so repeated forwards of an unchanged model do not synchronise a device
+_ONES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _all_ones(a: Tensor) -> bool:
+    """Whether every element of ``a`` is exactly 1 (remembered per tensor and version)."""
+    try:
+        key = (a._version, a.data_ptr())
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return bool((a == 1).all())
+    known = _ONES.get(a)
+    if known is None or known[:2] != key:
+        known = (*key, bool((a == 1).all()))
+        _ONES[a] = known
+    return known[2]
 
 
 @torch.no_grad()

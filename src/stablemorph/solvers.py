@@ -476,12 +476,29 @@ def _pairs(shape: BilinearShape, G: Tensor, k: int, gen: torch.Generator) -> tup
     h = X @ u - signs * (u.norm() / m**0.5)  # (g, m)
     hh = (h * h).sum(1, keepdim=True).clamp_min(1e-300)
     X = X - 2 * h.unsqueeze(2) * (h.unsqueeze(1) @ X) / hh.unsqueeze(2)
-    F1 = torch.einsum("jnm,jmia->jnia", X, F1)
-    F2 = torch.einsum("joma,jnm->jona", F2, X)
+    if second:
+        F1 = torch.einsum("jnm,jmia->jnia", X, F1)
+        F2 = _rotate_identity(F2.transpose(1, 2), X, used).transpose(1, 2)
+    else:
+        F1 = _rotate_identity(F1, X, used)
+        F2 = torch.einsum("joma,jnm->jona", F2, X)
     return (
         F1.reshape(shape.c_mid, i, *([shape.k1] * nd)),
         F2.reshape(shape.c_out, m, *([shape.k2] * nd)),
     )
+
+
+def _rotate_identity(F: Tensor, X: Tensor, used: int) -> Tensor:
+    """``einsum("jnm,jmca->jnca", X, F)`` for a factor ``F`` ``(g, m, used, taps)`` whose
+    first ``used`` middle channels are the centred identity (``F[j, r, r, centre] = 1``, no
+    other entry; the rest are :func:`_pairs`' groups): the identity's part is ``X``'s columns
+    placed at the centre tap, so only the groups' ``m - used`` channels are multiplied (the
+    full product multiplies ``m`` channels, almost all zeros: the same sums up to float64
+    rounding)."""
+    taps = F.shape[-1]
+    out = torch.einsum("jnm,jmca->jnca", X[:, :, used:], F[:, used:])
+    out[..., (taps - 1) // 2] += X[:, :, :used]
+    return out
 
 
 def _shrunk_size(shape: BilinearShape, k: int) -> tuple[str, int] | None:
