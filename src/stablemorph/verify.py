@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stablemorph import probe_outputs
+from stablemorph import probe_outputs, replay
 
 MODES = ("eval", "train")
 
@@ -326,6 +326,7 @@ def reference(parent: nn.Module, inputs: Any, modes: Sequence[str] = MODES, *,
     structure: dict[str, list[str]] = {}
     noise: dict[str, list[float] | None] = {}
     notes: list[str] = []
+    recorder = replay.Recorder(parent)  # its calls, for a child's check to replay
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -333,7 +334,7 @@ def reference(parent: nn.Module, inputs: Any, modes: Sequence[str] = MODES, *,
         if known is not None:
             outputs[mode], structure[mode] = known
             continue
-        with preserved_state(parent):
+        with preserved_state(parent), recorder.mode(mode):
             out = _run(parent, probe, mode, 0, "parent")
         leaves, shape = _structure(out)
         if not leaves:
@@ -344,6 +345,8 @@ def reference(parent: nn.Module, inputs: Any, modes: Sequence[str] = MODES, *,
                 raise VerifyError(f"the parent's {path} holds NaN or inf on this probe "
                                   f"({mode} mode): no deviation can be measured", "parent")
         outputs[mode], structure[mode] = [(p, t.detach().clone()) for p, t in leaves], shape
+    if recorder.calls:
+        recorder.keep(probe)
     dtypes = {p.dtype for p in parent.parameters() if p.is_floating_point()}
     if not noise_floor or not dtypes or dtypes == {torch.float64}:
         return Reference(probe, outputs, structure, dict.fromkeys(outputs), notes)
@@ -405,7 +408,8 @@ class VerifyReport:
     """Deviation of ``child`` from ``parent``; ``per_mode`` maps ``"eval"``/``"train"`` to
     ``(max_abs, max_rel)``; ``tensors`` holds every compared tensor's deviation and noise;
     ``noise_abs`` / ``noise_rel``: the parent's own float noise (worst over tensors; ``None``
-    when not measured: float64 models, or a float64 copy that could not run)."""
+    when not measured: float64 models, or a float64 copy that could not run); ``replayed``:
+    the child's module calls answered from the parent's run (:mod:`stablemorph.replay`)."""
 
     max_abs: float
     max_rel: float
@@ -414,6 +418,7 @@ class VerifyReport:
     noise_abs: float | None = None
     noise_rel: float | None = None
     notes: list[str] = field(default_factory=list)
+    replayed: int = 0
 
     def ok(self, tol: float, noise: bool = True) -> bool:
         """True when every tensor has ``max_rel <= tol`` or (with ``noise``) a deviation
@@ -436,8 +441,10 @@ class VerifyReport:
 
 
 @torch.no_grad()
-def compare(ref: Reference, child: nn.Module) -> VerifyReport:
+def compare(ref: Reference, child: nn.Module, parent: nn.Module | None = None) -> VerifyReport:
     """Run ``child`` on ``ref``'s probe in ``ref``'s modes and measure its deviation.
+    ``parent``: the model ``ref`` was taken from; the child's calls that are provably the
+    parent's (:mod:`stablemorph.replay`) are answered from its recorded run.
 
     Raises:
         VerifyError: the child failed on the probe, or returns another output structure
@@ -447,8 +454,11 @@ def compare(ref: Reference, child: nn.Module) -> VerifyReport:
     per_mode: dict[str, tuple[float, float]] = {}
     devs: list[TensorDeviation] = []
     seen: dict[str, tuple[list[tuple[str, Tensor]], list[str]]] = {}
+    plan = None if parent is None else replay.Plan(parent, child, ref.probe)
+    recorder = replay.Recorder(child)
     for mode, want in ref.outputs.items():
-        with preserved_state(child):
+        with preserved_state(child), recorder.mode(mode), \
+                plan.mode(mode) if plan is not None else contextlib.nullcontext():
             got, shape = _structure(_run(child, ref.probe, mode, 0, "child"))
         seen[mode] = ([(p, t.detach()) for p, t in got], shape)
         if shape != ref.structure[mode]:
@@ -472,6 +482,11 @@ def compare(ref: Reference, child: nn.Module) -> VerifyReport:
     if not devs:
         raise VerifyError("every output tensor is empty: nothing was compared", "parent")
     probe_outputs.record(child, ref.probe, seen)
+    recorder.keep(ref.probe, plan)
+    replayed = 0 if plan is None else plan.replayed
+    notes = list(ref.notes) + ([f"{replayed} module calls of the child answered from the "
+                                f"parent's run (the same module, parameters and input)"]
+                               if replayed else [])
     values = list(per_mode.values())
     noises = [(t.noise_abs, t.noise_rel) for t in devs if t.noise_abs is not None]
     return VerifyReport(
@@ -481,7 +496,8 @@ def compare(ref: Reference, child: nn.Module) -> VerifyReport:
         tensors=devs,
         noise_abs=max((a for a, _ in noises), default=None),
         noise_rel=max((r for _, r in noises), default=None),
-        notes=list(ref.notes),
+        notes=notes,
+        replayed=replayed,
     )
 
 
@@ -510,7 +526,7 @@ def verify(
             failing on the probe (``err.who`` says which), or outputs that differ in
             structure or shape (the message gives both).
     """
-    return compare(reference(parent, inputs, modes, noise_floor=noise_floor), child)
+    return compare(reference(parent, inputs, modes, noise_floor=noise_floor), child, parent)
 
 
 def _structure_difference(parent: list[str], child: list[str]) -> str:
