@@ -54,7 +54,11 @@ def test_the_replayed_modules_are_those_before_the_change() -> None:
     child = copy.deepcopy(model)
     child[2] = nn.Conv2d(8, 8, 3, padding=1)
     plan = replay.Plan(model, child, ref.probe)
-    assert plan.paths == ["0", "1", "3", "4", "5"]
+    assert plan.paths == ["0", "1", "2", "3", "4", "5"]  # alike; values checked when called
+    with plan.mode("eval"):
+        child.eval()
+        child(X)
+    assert plan.hits == {"0", "1"}  # "2" holds other weights, those after see other inputs
     report = compare(ref, child, model)
     assert report.replayed == 4  # "0", "1" in eval and train; those after see other inputs
     assert _deviations(report) == _deviations(compare(ref, child))
@@ -82,7 +86,13 @@ def test_a_changed_module_is_never_replayed(how: str) -> None:
     report = compare(ref, child, model)
     assert report.max_rel > 1e-5  # the change is seen
     assert _deviations(report) == _deviations(compare(ref, child))
-    assert "0" not in replay.Plan(model, child, ref.probe).paths
+    plan = replay.Plan(model, child, ref.probe)
+    with plan.mode("eval"):
+        child.eval()
+        child(X)
+    assert plan.replayed > 0 or how != "attribute"  # the conv before the changed norm
+    changed = {"attribute": "0.1", "parameter": "0.0", "buffer": "0.1", "hook": "0.2"}[how]
+    assert not plan.hits & {"0", changed}
 
 
 def test_no_replay_from_a_parent_changed_since_or_on_another_probe() -> None:

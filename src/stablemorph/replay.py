@@ -45,9 +45,10 @@ from torch.nn.modules import module as torch_module
 
 from stablemorph import probe_outputs
 
-#: the most tensor elements (inputs and outputs of the recorded calls, all modes) kept for one
-#: model; a run that needs more keeps nothing
-MAX_ELEMENTS = 1 << 26
+#: the most tensor elements (the distinct inputs and outputs of the recorded calls, all modes)
+#: kept for one model (ResNet-18 on a 4x3x32x32 probe: 16M); a run that needs more keeps
+#: nothing
+MAX_ELEMENTS = 1 << 25
 
 #: module attributes that are not compared: the containers compared one by one, the hooks
 #: (which must be empty), and the train/eval flag (set alike for both runs by the check)
@@ -102,6 +103,7 @@ class Recorder:
     model: nn.Module
     calls: Calls = field(default_factory=dict)
     elements: int = 0
+    seen: set[int] = field(default_factory=set)  # ids of the tensors counted in elements
 
     @contextlib.contextmanager
     def mode(self, mode: str) -> Iterator[None]:
@@ -139,7 +141,10 @@ class Recorder:
             with contextlib.suppress(RuntimeError):
                 if all(a._version == v for a, v in zip(inputs, versions, strict=True)):
                     call = Call(inputs, versions, output, output._version)
-                    self.elements += output.numel() + sum(a.numel() for a in inputs)
+                    for t in (output, *inputs):
+                        if id(t) not in self.seen:
+                            self.seen.add(id(t))
+                            self.elements += t.numel()
         calls.setdefault(path, []).append(call)
 
     def keep(self, probe: Any, plan: Plan | None = None) -> None:
@@ -156,7 +161,8 @@ class Recorder:
 
 
 def _same_own(a: nn.Module, b: nn.Module) -> bool:
-    """``a`` and ``b`` alike as modules, apart from their submodules' contents."""
+    """``a`` and ``b`` alike as modules, apart from their submodules and their tensors' values
+    (:func:`_same_values`, checked only for a call about to be replayed)."""
     if type(a) is not type(b) or a._modules.keys() != b._modules.keys():
         return False
     for m in (a, b):
@@ -173,21 +179,25 @@ def _same_own(a: nn.Module, b: nn.Module) -> bool:
                 and not (isinstance(x, tuple | list) and type(x) is type(y)
                          and all(isinstance(e, _PLAIN) for e in x) and x == y):
             return False
-    return _same_tensors(a._parameters, b._parameters) and _same_tensors(a._buffers, b._buffers)
+    return _alike(a._parameters, b._parameters) and _alike(a._buffers, b._buffers)
 
 
-def _same_tensors(a: dict[str, Tensor | None], b: dict[str, Tensor | None]) -> bool:
-    if a.keys() != b.keys():
-        return False
-    for key, x in a.items():
-        y = b[key]
-        if x is None or y is None:
-            if x is not y:
-                return False
-        elif x is not y and not (x.shape == y.shape and x.dtype == y.dtype
-                                 and x.device == y.device and torch.equal(x, y)):
-            return False
-    return True
+def _alike(a: dict[str, Tensor | None], b: dict[str, Tensor | None]) -> bool:
+    """The same names, each ``None`` in both or a tensor of one shape, dtype and device."""
+    return a.keys() == b.keys() and all(
+        (x is None) == (b[k] is None) and (x is None or (
+            x.shape == b[k].shape and x.dtype == b[k].dtype and x.device == b[k].device))
+        for k, x in a.items())
+
+
+def _same_values(a: nn.Module, b: nn.Module) -> bool:
+    """Every parameter and buffer of ``a`` (submodules included) equal to ``b``'s element for
+    element (``a`` and ``b`` alike by :func:`_equal_modules`)."""
+    pairs = zip(a.modules(), b.modules(), strict=True)
+    return all(x is y or (x is None and y is None) or torch.equal(x, y)
+               for m, n in pairs for store in ("_parameters", "_buffers")
+               for x, y in zip(getattr(m, store).values(), getattr(n, store).values(),
+                               strict=True))
 
 
 def _equal_modules(child: nn.Module, parent: nn.Module, path: str, found: list[str]) -> bool:
@@ -211,8 +221,10 @@ class Plan:
     the patching that does it (:meth:`mode`)."""
 
     def __init__(self, parent: nn.Module, child: nn.Module, probe: Any) -> None:
-        self.child = child
+        self.child, self.parent = child, parent
         self.source: Calls = {}
+        self.values: dict[str, bool] = {}  # path -> its tensors equal the parent's
+        self.hits: set[str] = set()  # the paths replayed at least once
         self.paths: list[str] = []
         self.replayed = 0
         self.active: set[tuple[str, str]] = set()  # (mode, path) patched
@@ -257,13 +269,20 @@ class Plan:
             nonlocal count
             call = calls[count] if count < len(calls) else None
             count += 1
-            if call is not None and not kwargs and call.matches(args):
+            if call is not None and not kwargs and call.matches(args) and self._equal(path):
                 self.replayed += 1
+                self.hits.add(path)
                 return call.output.clone()
             self.partial.add((mode, path))
             return forward(*args, **kwargs)
 
         return replay
+
+    def _equal(self, path: str) -> bool:
+        if path not in self.values:
+            self.values[path] = _same_values(self.child.get_submodule(path),
+                                             self.parent.get_submodule(path))
+        return self.values[path]
 
     def inherit(self, calls: Calls) -> None:
         """Give the new records ``calls`` the parent's records of the submodules of every
