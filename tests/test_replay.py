@@ -103,9 +103,13 @@ def test_no_replay_from_a_parent_changed_since_or_on_another_probe() -> None:
     other = reference(model, X + 1)  # records the other probe's run: none for X
     assert replay.Plan(model, child, ref.probe).paths == []
     assert compare(other, child, model).replayed > 0
+    replay.forget(model)
+    assert replay.Plan(model, child, other.probe).paths == []
+    reference(model, X)
+    assert replay.Plan(model, child, ref.probe).paths != []
     with torch.no_grad():
         model[0][0].weight.add_(0.0)  # an in-place write: the records are stale
-    assert replay.Plan(model, child, other.probe).paths == []
+    assert replay.Plan(model, child, ref.probe).paths == []
 
 
 class Noise(nn.Module):

@@ -20,14 +20,16 @@ A call is replayed only when all of this holds, checked at the time:
   module not modifying its input in place, its output one tensor.
 
 Not detected: a forward that reads state outside its module (globals, other modules by
-reference) or draws random numbers (the stream after it then differs from the parent's).
-Either makes the replayed check differ from the parent, never agree where the full run would
-not: :func:`stablemorph.morphs.contract.run_morph` re-runs a replayed check that misses its
-tolerance without replay before judging it.
+reference) changed between the parent's run and the child's check (as for the remembered
+outputs of :mod:`stablemorph.probe_outputs`, call ``probe_outputs.forget`` and
+:func:`forget` after such a change), and random draws: a replayed call does not draw, so the
+stream after it differs from the parent's, which makes the check miss, never pass where a full
+run would miss; :func:`stablemorph.morphs.contract.run_morph` re-runs a replayed check that
+misses its tolerance without replay before judging it.
 
-The records (references to the activations of one run per mode, about the memory of one
-forward's activations) are kept for the last model checked on a probe, at most
-:data:`MAX_ELEMENTS` elements per model; they die with the model (weak references).
+The records (references to the activations of one run per mode: about the memory of one
+forward's activations per mode) are kept per model, of its last check or reference run, at
+most :data:`MAX_ELEMENTS` elements; they die with the model (weak references).
 """
 
 from __future__ import annotations
@@ -295,3 +297,11 @@ class Plan:
                     del by_path[name]
                 if (mode, path) not in self.partial:
                     by_path.update({p: c for p, c in source.items() if p.startswith(prefix)})
+
+
+def forget(model: nn.Module | None = None) -> None:
+    """Drop the records of ``model`` (of every model when None)."""
+    if model is None:
+        _STORE.clear()
+    else:
+        _STORE.pop(model, None)

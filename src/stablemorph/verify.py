@@ -32,7 +32,9 @@ before each forward (inside ``torch.random.fork_rng``: the caller's RNG streams 
 so stochastic layers do not count as deviation. The child's outputs are remembered
 (:mod:`stablemorph.probe_outputs`): when it is the parent of the next check on the same
 probe, unchanged, :func:`reference` does not run it again (its float64 noise floor still
-runs).
+runs). Given the parent, :func:`compare` answers the child's module calls that are provably
+the parent's (the same module and input, :mod:`stablemorph.replay`) from the parent's recorded
+run instead of computing them again: the output compared is still the child's whole output.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ and says which parameters it made or changed) and wraps it in the contract:
   before any work) and then parent and child are compared in eval *and* train mode
   (:mod:`stablemorph.verify`); beyond the tolerance (float32: ``max_rel <= 1e-5``, or within
   ``NOISE_FACTOR`` times the parent's own float32-vs-float64 noise) a :class:`MorphError`
-  names the layer;
+  names the layer; the child's module calls before the change are answered from the
+  parent's run (:mod:`stablemorph.replay`), and a check that misses with such answers is
+  run again in full before it is judged;
 - the memory the morph needs is estimated up front (:mod:`.memory`) and a morph that cannot
   fit is refused before any work;
 - the caller's hooks on replaced layers are carried to the child (:mod:`.hooks`) or refused;
