@@ -134,3 +134,15 @@ def test_a_module_drawing_random_numbers_falls_back_to_a_full_run() -> None:
     # a morph re-runs such a miss without replay before judging it
     report = last_report(deepen(model, "2", kernel_size=3, inputs=X))
     assert report.max_rel < 1e-5
+
+
+def test_a_run_over_the_limit_lets_go_of_its_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _net()
+    monkeypatch.setattr(replay, "MAX_ELEMENTS", 2000)  # less than one activation of "0"
+    recorder = replay.Recorder(model)
+    with recorder.mode("eval"), torch.no_grad():
+        model.eval()
+        model(X)
+    assert recorder.full and recorder.calls == {"eval": {}}
+    recorder.keep((X,))
+    assert replay.Plan(model, copy.deepcopy(model), (X,)).paths == []

@@ -48,8 +48,8 @@ from torch.nn.modules import module as torch_module
 from stablemorph import probe_outputs
 
 #: the most tensor elements (the distinct inputs and outputs of the recorded calls, all modes)
-#: kept for one model (ResNet-18 on a 4x3x32x32 probe: 16M); a run that needs more keeps
-#: nothing
+#: held for one model (ResNet-18 on a 4x3x32x32 probe: 16M): a run that reaches it lets go of
+#: its records at once (the extra memory a check holds is bounded by it) and keeps nothing
 MAX_ELEMENTS = 1 << 25
 
 #: module attributes that are not compared: the containers compared one by one, the hooks
@@ -106,6 +106,7 @@ class Recorder:
     calls: Calls = field(default_factory=dict)
     elements: int = 0
     seen: set[int] = field(default_factory=set)  # ids of the tensors counted in elements
+    full: bool = False  # over MAX_ELEMENTS: nothing recorded, nothing kept
 
     @contextlib.contextmanager
     def mode(self, mode: str) -> Iterator[None]:
@@ -129,7 +130,7 @@ class Recorder:
     def _before(self, path: str, stacks: dict, _module: nn.Module, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> None:
         entry = None
-        if not kwargs and _tensors(args):
+        if not kwargs and not self.full and _tensors(args):
             with contextlib.suppress(RuntimeError):  # an inference tensor has no version
                 entry = (args, tuple(a._version for a in args))
         stacks.setdefault(path, []).append(entry)
@@ -137,6 +138,8 @@ class Recorder:
     def _after(self, path: str, stacks: dict, calls: dict, _module: nn.Module,
                args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         entry = stacks[path].pop() if stacks.get(path) else None
+        if self.full:
+            return
         call = None
         if entry is not None and isinstance(output, Tensor):
             inputs, versions = entry
@@ -147,13 +150,21 @@ class Recorder:
                         if id(t) not in self.seen:
                             self.seen.add(id(t))
                             self.elements += t.numel()
+        if self.elements > MAX_ELEMENTS and not self.full:
+            # over the limit: let go of every reference now (the forward then frees its
+            # activations as it would without recording) and record nothing more
+            self.full = True
+            self.seen.clear()
+            for by_path in self.calls.values():
+                by_path.clear()
+            return
         calls.setdefault(path, []).append(call)
 
     def keep(self, probe: Any, plan: Plan | None = None) -> None:
         """Keep the records for ``model`` on ``probe`` (call it once the model's state is
         restored); the submodules of a module replayed in every call take the parent's records
         (they did not run), those of one replayed only in some calls have none."""
-        if self.elements > MAX_ELEMENTS or not probe_outputs._plain(probe):
+        if self.full or not probe_outputs._plain(probe):
             _STORE.pop(self.model, None)
             return
         if plan is not None:
