@@ -32,32 +32,35 @@ def _deviations(report: object) -> list[tuple[str, str, float, float]]:
     return [(t.mode, t.path, t.max_abs, t.max_rel) for t in report.tensors]
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_a_replayed_check_measures_what_a_full_run_measures(inplace: bool,
+@pytest.mark.parametrize(("inplace", "dtype"), [(False, torch.float32), (True, torch.float32),
+                                               (False, torch.float64)])
+def test_a_replayed_check_measures_what_a_full_run_measures(inplace: bool, dtype: torch.dtype,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    model = _net(inplace)
-    child = deepen(model, "0.0", kernel_size=3, inputs=X)
-    grand = deepen(child, "2", kernel_size=3, inputs=X)
+    model, x = _net(inplace).to(dtype), X.to(dtype)
+    child = deepen(model, "0.0", kernel_size=3, inputs=x)
+    grand = deepen(child, "2", kernel_size=3, inputs=x)
     replayed = last_report(grand)
     assert any("answered from the parent's run" in n for n in replayed.notes)
     monkeypatch.setattr(replay, "MAX_ELEMENTS", 0)  # nothing kept: every call runs
-    child = deepen(model, "0.0", kernel_size=3, inputs=X)
-    full = last_report(deepen(child, "2", kernel_size=3, inputs=X))
+    child = deepen(model, "0.0", kernel_size=3, inputs=x)
+    full = last_report(deepen(child, "2", kernel_size=3, inputs=x))
     assert not any("answered from the parent's run" in n for n in full.notes)
     assert (replayed.max_abs, replayed.max_rel) == (full.max_abs, full.max_rel)
 
 
-def test_the_replayed_modules_are_those_before_the_change() -> None:
-    model = _net()
-    ref = reference(model, X)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_replayed_modules_are_those_before_the_change(dtype: torch.dtype) -> None:
+    model = _net().to(dtype)
+    x = X.to(dtype)
+    ref = reference(model, x)
     child = copy.deepcopy(model)
-    child[2] = nn.Conv2d(8, 8, 3, padding=1)
+    child[2] = nn.Conv2d(8, 8, 3, padding=1, dtype=dtype)
     plan = replay.Plan(model, child, ref.probe)
     assert plan.paths == ["0", "1", "2", "3", "4", "5"]  # alike; values checked when called
-    with plan.mode("eval"):
+    with plan.mode("eval"), torch.no_grad():
         child.eval()
-        child(X)
+        child(x)
     assert plan.hits == {"0", "1"}  # "2" holds other weights, those after see other inputs
     report = compare(ref, child, model)
     assert report.replayed == 4  # "0", "1" in eval and train; those after see other inputs
