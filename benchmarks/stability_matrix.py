@@ -745,7 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table = cells()
     if args.readme_table:
-        stored = load_results(args.results / "stability_matrix.json", table)
+        path = args.results / "stability_matrix.json"
+        try:
+            if not path.is_file():
+                raise MatrixError(f"{path} does not exist: nothing to build the table from")
+            stored = load_results(path, table)
+        except MatrixError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print("\n".join(readme_table({n: stored[n] for n in table if n in stored})))
         return 0
     if args.list:

@@ -153,3 +153,11 @@ def test_the_readme_table_is_built_from_the_stored_means():
     assert rows[2] == ("| c (3) | raised | **0.021** | 0.061 | 0.051 | 0.011 / 0.011 | 0.011 "
                        "| 0.910 / 0.900 |")
     assert len(rows) == 3  # no warmup regime stored: no row
+
+
+def test_the_readme_table_refuses_a_missing_or_malformed_json(tmp_path, capsys):
+    assert matrix.main(["--readme-table", "--results", str(tmp_path)]) == 2
+    assert "stability_matrix.json does not exist" in capsys.readouterr().err
+    (tmp_path / "stability_matrix.json").write_text("{bad")
+    assert matrix.main(["--readme-table", "--results", str(tmp_path)]) == 2
+    assert "cannot be read as JSON" in capsys.readouterr().err
