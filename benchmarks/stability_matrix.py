@@ -383,7 +383,9 @@ def judge(reg: dict[str, Any], metric: str = "drop") -> dict[str, Any] | None:
     - ``stretch``: stable ≤ 2 × parent (+ :data:`TOLERANCE`);
     - ``worse``: ``{baseline: paired differences}`` where stable is worse than that published
       baseline beyond the paired spread (mean difference > its sd);
-    - ``final_ok``: stable's final accuracy (language model: loss) at least the baselines'.
+    - ``final_ok``: stable's final accuracy (language model: loss) at least the baselines';
+    - ``final_behind``: ``{baseline: paired differences}`` where stable's final accuracy
+      (loss) is behind that published baseline's beyond the paired spread.
     """
     arms = reg["arms"]
     if "stable" not in arms or not all(b in arms for b in BASELINES):
@@ -391,11 +393,9 @@ def judge(reg: dict[str, Any], metric: str = "drop") -> dict[str, Any] | None:
     stable = _mean(arms["stable"], metric)
     best = min(_mean(arms[b], metric) for b in BASELINES)
     parent = _mean(arms["parent"], metric) if "parent" in arms else 0.0
-    worse = {}
-    for b in BASELINES:
-        d = reg["paired"].get(b, {}).get(metric, [])
-        if len(d) > 1 and statistics.mean(d) > statistics.stdev(d):
-            worse[b] = d
+    final, sign = ("final_acc", -1.0) if metric == "drop" else ("final_loss", 1.0)
+    worse = _behind(reg, metric, 1.0)
+    final_behind = _behind(reg, final, sign)
     if metric == "drop":
         final_ok = _mean(arms["stable"], "final_acc") >= max(
             _mean(arms[b], "final_acc") for b in BASELINES) - 1e-12
@@ -407,8 +407,21 @@ def judge(reg: dict[str, Any], metric: str = "drop") -> dict[str, Any] | None:
             "issue": judged and stable <= 0.5 * best,
             "excess": judged and stable - parent <= 0.5 * (best - parent),
             "stretch": stable <= 2 * parent + TOLERANCE[metric], "worse": worse,
-            "final_ok": final_ok, "ratio": stable / best if best > 0 else None,
+            "final_ok": final_ok, "final_behind": final_behind,
+            "ratio": stable / best if best > 0 else None,
             "excess_ratio": (stable - parent) / (best - parent) if judged else None}
+
+
+def _behind(reg: dict[str, Any], key: str, sign: float) -> dict[str, list[float]]:
+    """``{published baseline: paired differences stable − baseline on key}`` where
+    ``sign`` × the mean difference exceeds its sd (stable worse beyond the paired spread;
+    ``sign`` +1 where larger is worse, −1 where smaller is)."""
+    out = {}
+    for b in BASELINES:
+        d = reg["paired"].get(b, {}).get(key, [])
+        if len(d) > 1 and sign * statistics.mean(d) > statistics.stdev(d):
+            out[b] = d
+    return out
 
 
 def verdict(reg: dict[str, Any], metric: str = "drop") -> tuple[str, float | None]:
@@ -447,12 +460,15 @@ def _metric(name: str, entry: dict[str, Any]) -> str:
     return "loss_rise" if text else "drop"
 
 
-def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """The top of the report: counts under each view, and every place stable is worse
-    than a published baseline beyond the paired spread."""
-    counts = {k: [0, 0] for k in ("issue", "excess", "stretch", "stretch_all", "final_ok")}
+def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """The top of the report: counts under each view, every place stable is worse than a
+    published baseline beyond the paired spread, and every place its final accuracy (loss)
+    is behind one beyond the paired spread."""
+    counts = {k: [0, 0] for k in ("issue", "excess", "stretch", "stretch_all", "final_ok",
+                                  "final_spread")}
     judged = unjudged = 0
     worse: list[str] = []
+    behind: list[str] = []
     for name, entry in entries.items():
         metric = _metric(name, entry)
         for regime in REGIMES:
@@ -467,9 +483,14 @@ def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
                     counts[key][0 if j[key] else 1] += 1
             counts["stretch_all"][0 if j["stretch"] else 1] += 1
             counts["final_ok"][0 if j["final_ok"] else 1] += 1
+            counts["final_spread"][1 if j["final_behind"] else 0] += 1
             for b, d in j["worse"].items():
                 worse.append(f"{_label(name, entry)} / {regime}: stable − {b} = {_ms(d)} "
                              f"({metric})")
+            final = "final_acc" if metric == "drop" else "final_loss"
+            for b, d in j["final_behind"].items():
+                behind.append(f"{_label(name, entry)} / {regime}: stable − {b} = "
+                              f"{_ms(d, 4)} ({final})")
     table = [
         f"Over the {judged + unjudged} cell × regime pairs with stable and both published "
         f"baselines ({judged} judged: the better baseline's drop / loss rise exceeds the "
@@ -485,8 +506,11 @@ def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
         f"| stretch, every pair | {counts['stretch_all'][0]} | {counts['stretch_all'][1]} |",
         f"| stable's final accuracy (GPT: loss) at least the baselines' (every pair) | "
         f"{counts['final_ok'][0]} | {counts['final_ok'][1]} |",
+        "| stable's final accuracy (GPT: loss) not behind a published baseline beyond the "
+        f"paired spread (every pair) | {counts['final_spread'][0]} | "
+        f"{counts['final_spread'][1]} |",
     ]
-    return table, worse
+    return table, worse, behind
 
 
 def _label(name: str, entry: dict[str, Any]) -> str:
@@ -576,7 +600,7 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
               for name, e in entries.items()}
     (results / "stability_matrix.json").write_text(json.dumps(
         {"format": JSON_FORMAT, "report": meta, "cells": stored}, indent=1, default=str))
-    counts, worse = tallies(entries)
+    counts, worse, behind = tallies(entries)
     missing = [n for n in planned if n not in entries]
     lines = [
         "# The stability matrix", "",
@@ -596,6 +620,8 @@ def write_report(entries: dict[str, dict[str, Any]], planned: list[str], command
         "## Summary", "", *counts, "",
         "Stable worse than a published baseline beyond the paired spread (mean paired "
         "difference > its sd): " + ("; ".join(worse) if worse else "nowhere") + ".", "",
+        "Stable's final accuracy (GPT: loss) behind a published baseline beyond the paired "
+        "spread: " + ("; ".join(behind) if behind else "nowhere") + ".", "",
         f"Cells with results: {len(entries)}; planned without results: "
         f"{', '.join(missing) or 'none'}.", "",
         f"Cells that ran an older definition than `cells()` holds now (the table below names "

@@ -144,6 +144,21 @@ def test_stable_worse_beyond_the_paired_spread_is_named():
     assert matrix.judge(_regime(0.0, 0.0, 0.001, 0.0))["judged"] is False
 
 
+def test_final_accuracy_behind_beyond_the_paired_spread_is_named():
+    regime = _regime(0.02, 0.06, 0.05, 0.01)
+    regime["paired"]["netmorph"]["final_acc"] = [-0.004, -0.005, -0.003]  # behind, sd 0.001
+    regime["paired"]["net2net"]["final_acc"] = [-0.004, 0.006, -0.005]   # inside its spread
+    assert set(matrix.judge(regime)["final_behind"]) == {"netmorph"}
+    for per in regime["arms"].values():  # a language model's cell: judged on loss rise
+        for run in per.values():
+            run["loss_rise"] = run["drop"]
+    regime["paired"]["netmorph"]["final_loss"] = [0.01, 0.02, 0.01]  # loss: larger is behind
+    assert set(matrix.judge(regime, "loss_rise")["final_behind"]) == {"netmorph"}
+    _, _, behind = matrix.tallies({"c": {"summary": {"raised": regime}, "runs": 9,
+                                         "expected": 9}})
+    assert behind == ["c / raised: stable − netmorph = -0.0040 ± 0.0010 (final_acc)"]
+
+
 def test_the_readme_table_is_built_from_the_stored_means():
     regime = _regime(0.02, 0.06, 0.05, 0.01)
     regime["arms"]["stable"][0]["final_acc"] = 0.93  # mean 0.91 over the three seeds
