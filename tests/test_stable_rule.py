@@ -51,6 +51,24 @@ def trained(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
 LAYER = {"cnn": "features.conv2", "mlp": "fc2"}
 
 
+@pytest.mark.parametrize("width, refactored", [(None, False), (24, True)])
+def test_a_wider_first_kernel_keeps_its_outer_taps_dense(width, refactored) -> None:
+    """insert_subnet's (3, 1) branch on a 1x1 layer: F1's outer taps must cancel through
+    F2's null space; with as many middle channels as outputs there is none, so the pair keeps
+    the published solve (re-factoring it put 64% of the new entries near zero)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1))
+    x = torch.randn(4, 3, 6, 6)
+    child = insert_subnet(model, "2", inputs=x, width=width)
+    rep = last_report(child)
+    assert rep.zero_fraction == 0.0 and rep.near_zero_fraction < 0.01
+    assert rep.max_rel <= 1e-6
+    assert any("re-factored with an orthogonal second factor" in n
+               for n in rep.notes) is refactored
+    first = child.get_submodule("2.branch.first").weight
+    assert first[:, :, 0, 0].abs().min() > 1e-4 * first.abs().max()
+
+
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
 def test_stable_deepen_and_subnet_stay_exact_and_dense_with_an_orthogonal_second_factor(
         kind: str) -> None:

@@ -203,7 +203,8 @@ def build_factors(
     """``Sequential(first=F1, act=PAct(activation, a=1), second=F2)`` computing the layer
     ``(G, bias)`` of geometry ``geom`` exactly (module docstring), in ``G``'s dtype/device;
     with ``orthogonal`` a pointwise pair is re-factored by :func:`orthogonalise_` (seed
-    ``seed + 2``).
+    ``seed + 2``), unless ``F1`` has taps outside ``G``'s kernel and ``F2`` no null space to
+    cancel them in (``width == C_out``): there the published solve is kept.
 
     Raises:
         DecompositionError: the solver missed its tolerance (the message has the numbers).
@@ -233,7 +234,10 @@ def build_factors(
             else:
                 first.bias.zero_()
                 second.bias.copy_(bias)
-    orthogonal = orthogonal and is_pointwise(second)
+    # F1's taps outside the layer's kernel (extra > 0) must cancel through F2's null space;
+    # a square orthogonal F2 has none and would leave them all near zero
+    orthogonal = orthogonal and is_pointwise(second) and (
+        extra == 0 or width > geom.out_channels)
     if orthogonal:
         orthogonalise_(first, second, generator(seed + 2))
     return Factors(block, rep, width, (k1, k2), bias_kept, orthogonal)
