@@ -50,3 +50,29 @@ def test_grow_folder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["grow", str(tmp_path / "g"), "--layers", "3", "--out",
                  str(tmp_path / "c")]) == 2
     assert "architecture 'BertForMaskedLM' is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, op, layer", [
+    ("bert", "deepen", "bert.encoder.layer.1.output.dense"),
+    ("bert", "insert_subnet", "classifier"),
+    ("vit", "deepen", "classifier"),
+])
+def test_morph_a_saved_hf_model_probes_it_with_its_own_inputs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, op: str,
+        layer: str) -> None:
+    """`stablemorph morph` on an sm.save'd Hugging Face model: without --input-shape the
+    probe is built from the config (token ids with a mask, or pixel values), not a float
+    tensor shaped like the first Linear's input."""
+    import stablemorph as sm
+    from tests.hf_cases import bert, vit
+
+    parent = {"bert": bert, "vit": vit}[case]().eval()
+    sm.save(parent, tmp_path / "p.pt")
+    assert main(["morph", "--checkpoint", str(tmp_path / "p.pt"), "--op", op, "--at", layer,
+                 "--out", str(tmp_path / "c.pt")]) == 0
+    assert f"{op}('{layer}', scheme='stable')" in capsys.readouterr().out
+    child = sm.load(tmp_path / "c.pt").eval()
+    x = (torch.randint(0, 100, (3, 9)) if case == "bert" else torch.randn(3, 3, 16, 16))
+    with torch.no_grad():
+        a, b = parent(x).logits, child(x).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

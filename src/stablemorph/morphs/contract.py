@@ -201,6 +201,19 @@ def _infer_shape(model: nn.Module) -> list[int] | None:
     return None
 
 
+def _hf_probe(model: nn.Module, seed: int) -> Probe | None:
+    """A Hugging Face model's probe from its config (``main_input_name``: random token ids,
+    batch 2, 8 tokens, with an attention mask; or random pixel values); ``None`` for any
+    other model."""
+    kind = {"input_ids": "tokens", "pixel_values": "pixels"}.get(
+        getattr(model, "main_input_name", None))  # type: ignore[arg-type]
+    if kind is None or getattr(model, "config", None) is None:
+        return None
+    from stablemorph.hf.probe import make_probe  # imports no transformers
+
+    return Probe.of(make_probe(model, kind, None, seed))
+
+
 def probe_batch(
     model: nn.Module,
     inputs: Any,
@@ -212,9 +225,10 @@ def probe_batch(
 
     ``inputs`` wins: a tensor, a sequence of positional inputs, or a dict of keyword inputs
     (``model(**inputs)``, e.g. a tokenizer's output); else random normal data of
-    ``input_shape`` (batch dim included) in the model's dtype and device; else a shape
-    inferred by :func:`_infer_shape`. The recorded shape is the single positional input's
-    (``None`` for several or keyword inputs: a replay needs them passed again).
+    ``input_shape`` (batch dim included) in the model's dtype and device; else a Hugging
+    Face model's own probe (:func:`_hf_probe`); else a shape inferred by
+    :func:`_infer_shape`. The recorded shape is the single positional input's (``None`` for
+    several or keyword inputs: a replay needs them passed again).
     """
     if inputs is not None:
         try:
@@ -225,6 +239,9 @@ def probe_batch(
             isinstance(batch[0], Tensor) and batch[0].is_floating_point() else None
         return batch, shape
     if input_shape is None:
+        own = _hf_probe(model, seed)
+        if own is not None:
+            return own, None
         input_shape = _infer_shape(model)
         if input_shape is None:
             raise MorphError(
