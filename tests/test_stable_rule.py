@@ -51,21 +51,36 @@ def trained(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
 LAYER = {"cnn": "features.conv2", "mlp": "fc2"}
 
 
-@pytest.mark.parametrize("width, refactored", [(None, False), (24, True)])
-def test_a_wider_first_kernel_keeps_its_outer_taps_dense(width, refactored) -> None:
-    """insert_subnet's (3, 1) branch on a 1x1 layer: F1's outer taps must cancel through
-    F2's null space; with as many middle channels as outputs there is none, so the pair keeps
-    the published solve (re-factoring it put 64% of the new entries near zero)."""
+class _Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@pytest.mark.parametrize("target, width, refactored", [
+    ("2", None, False), ("2", 24, True),           # a 1x1 layer: width = its 16 outputs
+    ("3", None, False), ("3", 32, True),           # an identity shortcut: width 17
+])
+def test_a_wider_first_kernel_keeps_its_outer_taps_dense(target, width, refactored) -> None:
+    """insert_subnet's (3, 1) branch on a 1x1 layer or an identity: F1's outer taps must
+    cancel through F2's null space; with no or one null direction the orthogonal re-factoring
+    left 20-64% of the new entries near zero, so the pair keeps the published solve."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1),
+                          _Residual(16))
     x = torch.randn(4, 3, 6, 6)
-    child = insert_subnet(model, "2", inputs=x, width=width)
+    child = insert_subnet(model, target, inputs=x, width=width)
     rep = last_report(child)
     assert rep.zero_fraction == 0.0 and rep.near_zero_fraction < 0.01
     assert rep.max_rel <= 1e-6
-    assert any("re-factored with an orthogonal second factor" in n
-               for n in rep.notes) is refactored
-    first = child.get_submodule("2.branch.first").weight
+    notes = " ".join(rep.notes)
+    assert ("re-factored with an orthogonal second factor" in notes) is refactored
+    assert ("orthogonal second factor not used" in notes) is not refactored
+    branch = "2.branch" if target == "2" else "3.shortcut.branch"
+    first = child.get_submodule(f"{branch}.first").weight
     assert first[:, :, 0, 0].abs().min() > 1e-4 * first.abs().max()
 
 

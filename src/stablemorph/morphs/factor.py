@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stablemorph.activations import PAct
-from stablemorph.equation import composite_size, feasibility, min_mid_channels
+from stablemorph.equation import (
+    composite_size,
+    feasibility,
+    min_mid_channels,
+    sparsity,
+)
 from stablemorph.graph import CONV
 from stablemorph.morphs.contract import MorphError, generator, randn, scale_of
 from stablemorph.solvers import DecompositionReport, decompose
@@ -95,6 +100,7 @@ class Factors:
     kernels: tuple[int, int]
     bias_kept: bool  # F2's bias is the parent's, unchanged
     orthogonal: bool = False  # re-factored by orthogonalise_ (the stable step rule)
+    not_orthogonal: str | None = None  # why the step rule kept the published solve
 
     @property
     def notes(self) -> list[str]:
@@ -106,6 +112,7 @@ class Factors:
             *r.notes,
             *(["step rule: pointwise pair re-factored with an orthogonal second factor"]
               if self.orthogonal else []),
+            *([self.not_orthogonal] if self.not_orthogonal else []),
         ]
 
 
@@ -203,8 +210,7 @@ def build_factors(
     """``Sequential(first=F1, act=PAct(activation, a=1), second=F2)`` computing the layer
     ``(G, bias)`` of geometry ``geom`` exactly (module docstring), in ``G``'s dtype/device;
     with ``orthogonal`` a pointwise pair is re-factored by :func:`orthogonalise_` (seed
-    ``seed + 2``), unless ``F1`` has taps outside ``G``'s kernel and ``F2`` no null space to
-    cancel them in (``width == C_out``): there the published solve is kept.
+    ``seed + 2``) unless that leaves it less dense (:func:`_orthogonalise_if_dense`).
 
     Raises:
         DecompositionError: the solver missed its tolerance (the message has the numbers).
@@ -234,13 +240,37 @@ def build_factors(
             else:
                 first.bias.zero_()
                 second.bias.copy_(bias)
-    # F1's taps outside the layer's kernel (extra > 0) must cancel through F2's null space;
-    # a square orthogonal F2 has none and would leave them all near zero
-    orthogonal = orthogonal and is_pointwise(second) and (
-        extra == 0 or width > geom.out_channels)
-    if orthogonal:
-        orthogonalise_(first, second, generator(seed + 2))
-    return Factors(block, rep, width, (k1, k2), bias_kept, orthogonal)
+    kept = None
+    if orthogonal and is_pointwise(second):
+        kept = _orthogonalise_if_dense(first, second, generator(seed + 2))
+    return Factors(block, rep, width, (k1, k2), bias_kept, kept is None and orthogonal
+                   and is_pointwise(second), kept)
+
+
+NEAR_ZERO_LIMIT = 0.01  # the dense contract: under 1% near zeros among new parameters
+
+
+def _orthogonalise_if_dense(first: nn.Module, second: nn.Module,
+                            gen: torch.Generator) -> str | None:
+    """:func:`orthogonalise_` the pair unless that leaves more near zeros than the published
+    solve (and over 1%): then the published factors are restored and the reason returned.
+
+    That happens when ``F1`` has taps outside the composite's kernel: they must cancel
+    through ``F2``'s null space, and an orthogonal ``F2`` with ``C_mid`` at or barely above
+    ``C_out`` leaves them none or one direction (insert_subnet's (3, 1) branch on a 1x1 layer
+    or an identity shortcut: 20-66% near zeros measured)."""
+    params = [p for m in (first, second) for p in (m.weight, m.bias) if p is not None]
+    published = [p.detach().clone() for p in params]
+    before = sparsity(first.weight, second.weight)[1]
+    orthogonalise_(first, second, gen)
+    after = sparsity(first.weight, second.weight)[1]
+    if after <= max(NEAR_ZERO_LIMIT, before):
+        return None
+    with torch.no_grad():
+        for p, old in zip(params, published, strict=True):
+            p.copy_(old)
+    return (f"step rule: orthogonal second factor not used: it left {after:.1%} near zeros "
+            f"in the factors (published solve {before:.1%})")
 
 
 def is_pointwise(second: nn.Module) -> bool:
