@@ -115,6 +115,28 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
         quiet(tiny(), out)
 
 
+def test_widen_by_factor_skips_a_target_its_channel_group_already_grew(tmp_path: Path
+                                                                       ) -> None:
+    """A ResNet's stem and its first block's second conv share one channel group (the
+    residual add): widening the stem widens both, so the later target is not widened twice
+    (the driver refused it: 'width must be an int larger than the current 16, got 16')."""
+    cfg = tiny(model="resnet", model_kwargs={"layers": [1], "widths": [8]}, morph="widen",
+               morph_kwargs={"factor": 2}, schemes=["stable", "net2net"], regimes=["raised"],
+               targets=["conv1", "layer1.0.conv1", "layer1.0.conv2"])
+    arms = quiet(cfg, tmp_path).run()
+    stable = next(a for a in arms if a.arm == "stable")
+    assert stable.zero_fraction == 0.0
+    from stablemorph.experiment.growth import morph_steps
+
+    model = build_model("resnet", layers=[1], widths=[8], in_channels=1, num_classes=10)
+    x = torch.randn(4, 1, 8, 8)
+    steps = morph_steps("widen", model, cfg.targets, {"factor": 2})
+    child = steps[0].run(model, "stable", 0, x)
+    assert child.layer1[0].conv2.out_channels == 16
+    assert steps[2].run(child, "stable", 2, x) is child
+    assert steps[1].run(child, "stable", 1, x).layer1[0].conv1.out_channels == 16
+
+
 GPT_KWARGS = {"d_model": 8, "n_layer": 1, "n_head": 2, "head_dim": 4, "d_mlp": 16,
               "block_size": 8}
 

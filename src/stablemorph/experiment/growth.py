@@ -5,8 +5,10 @@ more, so the optimiser follows every step with
 
 - CNN / MLP morphs (:data:`stablemorph.morphs.MORPHS`): ``deepen``, ``widen``,
   ``insert_subnet``, ``enlarge_kernel``, one step per target layer. For ``widen`` the option
-  ``factor`` (default 2) sets each target's new width to ``factor`` times its current one
-  (or give ``width``).
+  ``factor`` (default 2) sets each target's new width to ``factor`` times its width in the
+  parent (or give ``width``); a target that an earlier target's widen already grew to that
+  width (the same channel group, e.g. a ResNet stage tied by its residual adds) is skipped:
+  its step returns the model unchanged.
 - GPT growths (the project's :class:`~stablemorph.transformer.model.GPT`): ``depth`` inserts
   blocks up to ``n_layer`` (default twice the parent's depth), one evenly spaced insertion
   per step; ``width`` multiplies the MLP width, the heads (same head size) and the residual
@@ -90,7 +92,7 @@ def morph_steps(op: str, model: nn.Module, targets: list[str],
         opts = dict(kwargs)
         if op == "widen" and "width" not in opts:
             layer = names[target]
-            now = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+            now = _units(layer)
             if now is None:
                 raise GrowthError(f"--morph widen: {target!r} is a {type(layer).__name__}, "
                                   f"not a Linear or conv layer")
@@ -102,10 +104,17 @@ def morph_steps(op: str, model: nn.Module, targets: list[str],
 
         def run(m: nn.Module, scheme: str, seed: int, probe: Tensor, _t: str = target,
                 _o: dict[str, Any] = opts) -> nn.Module:
+            if op == "widen" and _units(m.get_submodule(_t)) >= _o["width"]:
+                return m  # an earlier target's widen grew this layer with its channel group
             return apply_morph(op, m, _t, scheme=scheme, seed=seed, inputs=probe, **_o)
 
         steps.append(Step(f"{op} {target}", run))
     return steps
+
+
+def _units(layer: nn.Module) -> int | None:
+    """A Linear or conv layer's output units."""
+    return getattr(layer, "out_channels", getattr(layer, "out_features", None))
 
 
 def _gpt_steps(op: str, model: nn.Module, kwargs: dict[str, Any]) -> list[Step]:

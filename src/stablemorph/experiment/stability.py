@@ -366,6 +366,8 @@ def grow(
     targets = cfg.targets or default_targets(parent)
     for j, step in enumerate(morph_steps(cfg.morph, parent, targets, kwargs)):
         nxt = step.run(child, plan.scheme, seed * 1000 + j, probe)
+        if nxt is child:  # nothing left to grow at this target
+            continue
         opt = transfer_optimizer(opt, child, nxt, rule=plan.rule)
         scales = [scales[gi] * s for gi, s in group_sources(opt)]
         child = nxt
