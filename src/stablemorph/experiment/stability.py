@@ -48,6 +48,7 @@ from stablemorph.experiment.train import (
 from stablemorph.morphs import MorphError
 from stablemorph.optim import RULE, TransferRule, group_sources, transfer_optimizer
 from stablemorph.record import history
+from stablemorph.release import attach_release, release_lr_scales
 from stablemorph.step_rule import adaptive_step_ratio
 from stablemorph.zoo import build_model
 
@@ -80,8 +81,12 @@ REGIMES = ("same", "raised", "warmup")
 #   wlr     (widen) under SGD, the widened group's parameters get the learning-rate
 #           multiplier 1 / first-step amplification measured on the probe
 #           (stablemorph.morphs.new_units; ParamOrigin.width_advice)
+#   relm    the multipliers released (ramped back to 1, stablemorph.release) over the
+#           optimiser's own memory 1 / (1 - beta): Adam's beta2, SGD's momentum
+#   relw    the multipliers released over the configured warm-up length (warmup_steps)
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
-               "orth2", "adamr", "zout", "adamn", "wlr", "wsc")
+               "orth2", "adamr", "zout", "adamn", "wlr", "wsc", "relm", "relw")
+RELEASE_OPTIONS = ("relm", "relw")
 TRANSFER_OPTIONS = ("dlr", "state", "adamr", "adamn", "wlr")  # applied by transfer_optimizer
 REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
 # The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
@@ -133,6 +138,8 @@ def plan_arm(name: str, stable_rule: tuple[str, ...] | list[str] = STABLE_RULE) 
         if "orth2" in options:
             raise ExperimentError(f"arm {name!r}: orth2 is the stable scheme's gauge")
         step_rule = bool(library)
+    if len(set(options) & set(RELEASE_OPTIONS)) > 1:
+        raise ExperimentError(f"arm {name!r}: give one release of {RELEASE_OPTIONS}")
     if step_rule and set(options) & set(REGAUGE_OPTIONS):
         raise ExperimentError(f"arm {name!r}: {sorted(set(options) & set(REGAUGE_OPTIONS))} "
                               f"re-gauge after the morph: combine them with +raw only")
@@ -620,6 +627,7 @@ class Experiment:
                 if arm in cfg.schemes:
                     child, child_opt, zero = children[arm]
                     model, opt = copy.deepcopy((child, child_opt))
+                    release(opt, plan_arm(arm, cfg.stable_rule).options, cfg)
                 elif arm == "parent":
                     model, opt = copy.deepcopy((parent, parent_opt))
                 elif arm == "scratch":
@@ -655,6 +663,15 @@ class Experiment:
                 _write_atomic(path, lambda t, r=result: t.write_text(json.dumps(asdict(r))))
                 arms.append(result)
         return arms
+
+
+def release(opt: torch.optim.Optimizer, options: tuple[str, ...], cfg: ExperimentConfig
+            ) -> None:
+    """The arm's release of its multipliers (``relm``, ``relw``), if any, on ``opt``."""
+    if "relm" in options:
+        release_lr_scales(opt)
+    elif "relw" in options:
+        release_lr_scales(opt, cfg.warmup_steps)
 
 
 def train_arm(
@@ -697,6 +714,7 @@ def _ddp_arm(
     from torch.nn.parallel import DistributedDataParallel
 
     model, opt = copy.deepcopy((model, opt))
+    attach_release(opt)  # the copy keeps the release's state, not its hooks
     data = load_data(cfg)
     records = [dict(r) for r in train(DistributedDataParallel(model), data, opt, **kwargs)]
     return [*records, {"state": model.state_dict()}]
