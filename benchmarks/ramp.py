@@ -8,6 +8,8 @@ morph, optimiser, steps, regimes, seeds) run with the arms
   ``1 / (1 - beta)`` (Adam ``beta2``: 1000 steps; SGD momentum 0.9: 10 steps),
 - ``stable+relw``: ramped back over the configured warm-up length (``warmup_steps``),
 - ``netmorph``, ``net2net``: the published baselines,
+- (``--arms``) ``stable+relt``: ramped back over the whole run after the morph
+  (``child_steps``), run in its own folder with ``--reuse`` of the arms above,
 
 plus cells not in the matrix (``EXTRA``: other widths and another data set x model), so the
 rule is not judged on the cells it is meant to fix. ``--parents DIR`` copies the matrix's
@@ -69,8 +71,8 @@ def all_cells() -> dict[str, ExperimentConfig]:
     return {**out, **extra_cells()}
 
 
-def config(name: str) -> ExperimentConfig:
-    return replace(all_cells()[name], schemes=list(ARMS), baselines=[])
+def config(name: str, arms: list[str] | None = None) -> ExperimentConfig:
+    return replace(all_cells()[name], schemes=list(arms or ARMS), baselines=[])
 
 
 def copy_parents(name: str, cfg: ExperimentConfig, parents: Path, work: Path) -> int:
@@ -89,6 +91,28 @@ def copy_parents(name: str, cfg: ExperimentConfig, parents: Path, work: Path) ->
     for f in sorted((parents / name / "parents").glob("seed*.pt")):
         target = work / name / "parents" / f.name
         if not target.exists():
+            shutil.copy2(f, target)
+            n += 1
+    return n
+
+
+def reuse_runs(name: str, cfg: ExperimentConfig, source: Path, work: Path) -> int:
+    """Copy the finished runs of ``cfg``'s arms from ``source/<name>`` when that folder ran
+    the same experiment but for its arms (the runs are deterministic functions of the config,
+    seed, regime and arm: checked bit for bit against the matrix's on digits CNN deepen)."""
+    stored = source / name / "config.json"
+    if not stored.exists():
+        return 0
+    theirs = json.loads(stored.read_text())
+    mine = json.loads(json.dumps(asdict(cfg)))
+    if any(theirs.get(k) != v for k, v in mine.items() if k not in ("schemes", "baselines")):
+        return 0
+    (work / name / "runs").mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in sorted((source / name / "runs").glob("*.json")):
+        arm = f.stem.split("_", 2)[2]
+        target = work / name / "runs" / f.name
+        if arm in cfg.schemes and not target.exists():
             shutil.copy2(f, target)
             n += 1
     return n
@@ -119,7 +143,7 @@ def summary(arms: list[Arm]) -> dict[str, Any]:
         for arm, seeds in per.items():
             entry["arms"][arm] = {k: _ms([f[k] for f in seeds.values()])
                                   for k in ("drop_all", "rise_all", "final_acc", "final_loss")}
-        for arm in [a for a in ARMS if a.startswith("stable")]:
+        for arm in [a for a in per if a.startswith("stable")]:
             for ref in REFERENCES:
                 if arm == ref or arm not in per or ref not in per:
                     continue
@@ -151,9 +175,11 @@ def overview(results: dict[str, Any]) -> list[str]:
         key, worst = ("final_loss", "rise_all") if gpt else ("final_acc", "drop_all")
         for regime, entry in cell["summary"].items():
             arms, paired = entry["arms"], entry["paired"]
+            if {"stable", "netmorph", "net2net"} - set(arms):
+                continue  # a cell still running
             better = "netmorph" if (arms["netmorph"][key]["mean"] < arms["net2net"][key]["mean"]
                                     ) == gpt else "net2net"
-            for arm in ("stable", "stable+relm", "stable+relw"):
+            for arm in ("stable", *(a for a in arms if a.startswith("stable+"))):
                 if arm not in arms:
                     continue
                 vs = "—" if arm == "stable" else _fmt(paired[f"{arm} - stable"][key])
@@ -165,6 +191,36 @@ def overview(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def counts(results: dict[str, Any]) -> list[str]:
+    """Per released arm, over the cell x regime pairs where it changed anything: final figure
+    better / worse than ``stable`` beyond the paired spread (|mean| > sd), and whole-run worst
+    figure above the worse published baseline's (mean over seeds)."""
+    tally: dict[str, list[int]] = {}
+    for name, cell in results.items():
+        gpt = "gpt" in name
+        key, worst = ("final_loss", "rise_all") if gpt else ("final_acc", "drop_all")
+        sign = -1.0 if gpt else 1.0
+        for entry in cell["summary"].values():
+            arms, paired = entry["arms"], entry["paired"]
+            if {"stable", "netmorph", "net2net"} - set(arms):
+                continue
+            for arm in (a for a in arms if a.startswith("stable+")):
+                d = paired[f"{arm} - stable"]
+                if all(abs(d[k]["mean"]) == 0.0 and d[k]["sd"] == 0.0 for k in d):
+                    continue  # nothing to release: the arm is the stable one
+                t = tally.setdefault(arm, [0, 0, 0, 0])
+                t[0] += 1
+                t[1] += sign * d[key]["mean"] > d[key]["sd"]
+                t[2] += -sign * d[key]["mean"] > d[key]["sd"]
+                t[3] += arms[arm][worst]["mean"] > max(arms[b][worst]["mean"]
+                                                      for b in ("netmorph", "net2net"))
+    lines = ["| arm | pairs where it changed anything | final better than stable beyond "
+             "the spread | final worse beyond the spread | worst after the morph beyond "
+             "both baselines' |", "|---|---|---|---|---|"]
+    lines += [f"| {arm} | {t[0]} | {t[1]} | {t[2]} | {t[3]} |" for arm, t in tally.items()]
+    return lines
+
+
 def tables(results: dict[str, Any]) -> str:
     lines = ["# Multipliers released over time: tables (generated by benchmarks/ramp.py)", "",
              "Accuracy cells (GPT cells: loss is the figure that counts). drop_all: parent "
@@ -172,7 +228,8 @@ def tables(results: dict[str, Any]) -> str:
              "rise_all: worst loss minus the parent's. Mean ± sd over seeds; paired: per-seed "
              "differences (first arm minus second), mean ± sd. Better baseline: the published "
              "baseline with the better mean final figure in that cell and regime.", "",
-             "## Overview", "", *overview(results), ""]
+             "## Counts", "", *counts(results), "", "## Overview", "", *overview(results),
+             ""]
     for name, cell in results.items():
         lines += [f"## {name}", "", f"runs: {cell['runs']}; {cell['source']}", ""]
         lines += ["| regime | arm | drop_all | rise_all | final acc | final loss |",
@@ -199,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/ramp"))
     ap.add_argument("--parents", type=Path, default=None,
                     help="the matrix's work folder, to copy its trained parents from")
+    ap.add_argument("--arms", nargs="*", default=None, help=f"default {ARMS}")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a work folder of this script whose finished runs of the same arms "
+                         "are copied instead of run again")
+    ap.add_argument("--tables", default="ramp", help="results file stem (default: ramp)")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables")
     args = ap.parse_args(argv)
     unknown = [c for c in args.cells if c not in all_cells()]
@@ -206,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown cells {unknown}; choose from {sorted(all_cells())}")
     if not args.report:
         for name in args.cells:
-            cfg = config(name)
+            cfg = config(name, args.arms)
             if args.parents is not None:
                 print(f"[{name}] {copy_parents(name, cfg, args.parents, args.work)} parents "
                       f"copied", flush=True)
+            if args.reuse is not None:
+                print(f"[{name}] {reuse_runs(name, cfg, args.reuse, args.work)} runs reused",
+                      flush=True)
             start, load = _now(), _loadavg()
             Experiment(cfg, args.work / name, progress=False,
                        log=lambda m, n=name: print(f"[{n}] {m}", flush=True)).run()
@@ -227,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "source": {k: last.get(k) for k in
                                                ("start", "end", "load_start", "load_end",
                                                 "commit")}}
-    (RESULTS / "ramp.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "ramp_tables.md").write_text(tables(results))
+    (RESULTS / f"{args.tables}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{args.tables}_tables.md").write_text(tables(results))
     return 0
 
 

@@ -8,6 +8,7 @@ refused by name."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -169,5 +170,6 @@ def test_bad_values_are_refused_by_name_and_leave_the_optimiser_alone() -> None:
 
 def test_an_arm_takes_one_release() -> None:
     assert "relm" in plan_arm("stable+relm").options
-    with pytest.raises(ExperimentError, match=r"arm 'stable\+relm\+relw': give one release"):
-        plan_arm("stable+relm+relw")
+    for arm in ("stable+relm+relw", "stable+relw+relt"):
+        with pytest.raises(ExperimentError, match=rf"arm '{re.escape(arm)}': give one release"):
+            plan_arm(arm)

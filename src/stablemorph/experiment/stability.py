@@ -84,9 +84,12 @@ REGIMES = ("same", "raised", "warmup")
 #   relm    the multipliers released (ramped back to 1, stablemorph.release) over the
 #           optimiser's own memory 1 / (1 - beta): Adam's beta2, SGD's momentum
 #   relw    the multipliers released over the configured warm-up length (warmup_steps)
+#   relt    the multipliers released over the whole training run after the morph
+#           (child_steps)
+#           (relm, relw, relt: measured, not adopted: benchmarks/results/ramp.md)
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
-               "orth2", "adamr", "zout", "adamn", "wlr", "wsc", "relm", "relw")
-RELEASE_OPTIONS = ("relm", "relw")
+               "orth2", "adamr", "zout", "adamn", "wlr", "wsc", "relm", "relw", "relt")
+RELEASE_OPTIONS = ("relm", "relw", "relt")
 TRANSFER_OPTIONS = ("dlr", "state", "adamr", "adamn", "wlr")  # applied by transfer_optimizer
 REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
 # The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
@@ -667,11 +670,13 @@ class Experiment:
 
 def release(opt: torch.optim.Optimizer, options: tuple[str, ...], cfg: ExperimentConfig
             ) -> None:
-    """The arm's release of its multipliers (``relm``, ``relw``), if any, on ``opt``."""
+    """The arm's release of its multipliers (:data:`RELEASE_OPTIONS`), if any, on ``opt``."""
     if "relm" in options:
         release_lr_scales(opt)
     elif "relw" in options:
         release_lr_scales(opt, cfg.warmup_steps)
+    elif "relt" in options:
+        release_lr_scales(opt, cfg.child_steps)
 
 
 def train_arm(
