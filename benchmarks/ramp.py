@@ -11,8 +11,9 @@ morph, optimiser, steps, regimes, seeds) run with the arms
 - (``--arms``) ``stable+relt``: ramped back over the whole run after the morph
   (``child_steps``), run in its own folder with ``--reuse`` of the arms above,
 
-plus cells not in the matrix (``EXTRA``: other widths and another data set x model), so the
-rule is not judged on the cells it is meant to fix. ``--parents DIR`` copies the matrix's
+plus cells not in the matrix (:func:`extra_cells`: other widths, another data set x model,
+600 steps after the morph instead of 200), so the rule is not judged on the cells it is meant
+to fix. ``--parents DIR`` copies the matrix's
 trained parents (``DIR/<cell>/parents``) when the cell's parent config is the matrix's
 (saves the parent training; the parents are deterministic functions of the config).
 
@@ -63,6 +64,11 @@ def extra_cells() -> dict[str, ExperimentConfig]:
             m["digits-mlp-deepen-adamw"][1], dataset="fashion-mnist",
             model_kwargs={"hidden": [128, 64]}, limit_train=12_000, limit_test=2_000,
             parent_steps=600, seeds=3),
+        # three times the matrix's 200 steps after the morph: does a release pay once its
+        # late drop has had time to recover?
+        "digits-cnn-deepen-sgd-long": replace(m["digits-cnn-deepen-sgd"][1], child_steps=600),
+        "digits-mlp-deepen-adamw-long": replace(m["digits-mlp-deepen-adamw"][1],
+                                                child_steps=600),
     }
 
 
