@@ -133,6 +133,26 @@ def test_the_release_state_survives_copies_and_a_copy_needs_its_hooks_back() -> 
                                                     for g in opt2.param_groups]
 
 
+def test_a_step_that_raises_does_not_compound_the_factor() -> None:
+    parent, child, opt, x, y = grown()
+    new = transfer_optimizer(opt, parent, child)
+    release_lr_scales(new, 4)
+    stored = [g["lr"] for g in new.param_groups]
+    step_lrs(new, child, x, y, 1)
+    factors = [release_factor(g) for g in new.param_groups]
+    assert any(f != 1.0 for f in factors)
+
+    def failing() -> float:
+        raise RuntimeError("closure failed")
+
+    with pytest.raises(RuntimeError, match="closure failed"):
+        new.step(failing)
+    # the failed step is not counted, and the next one starts from the stored rate
+    seen = step_lrs(new, child, x, y, 1)
+    assert seen[-1] == [lr * f for lr, f in zip(stored, factors, strict=True)]
+    assert [g["lr"] for g in new.param_groups] == stored
+
+
 def test_a_second_release_starts_where_the_first_one_is() -> None:
     parent, child, opt, x, y = grown()
     new = transfer_optimizer(opt, parent, child)

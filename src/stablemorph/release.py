@@ -130,8 +130,9 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
     for group in optimizer.param_groups:
         plan = group.get(_KEY)
         if plan is not None:
-            plan["lr"] = group["lr"]
-            group["lr"] = group["lr"] * release_factor(group)
+            # a step that raised left its scaled rate behind: start from the stored one
+            plan["lr"] = plan.pop("lr", group["lr"])
+            group["lr"] = plan["lr"] * release_factor(group)
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
