@@ -64,6 +64,8 @@ def extra_cells() -> dict[str, ExperimentConfig]:
             m["digits-mlp-deepen-adamw"][1], dataset="fashion-mnist",
             model_kwargs={"hidden": [128, 64]}, limit_train=12_000, limit_test=2_000,
             parent_steps=600, seeds=3),
+        "digits-cnn24-48-deepen-sgd": replace(m["digits-cnn-deepen-sgd"][1],
+                                              model_kwargs={"widths": [24, 48]}),
         # three times the matrix's 200 steps after the morph: does a release pay once its
         # late drop has had time to recover?
         "digits-cnn-deepen-sgd-long": replace(m["digits-cnn-deepen-sgd"][1], child_steps=600),
