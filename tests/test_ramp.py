@@ -1,5 +1,5 @@
 """Releasing a transferred optimiser's learning-rate multipliers over time
-(:mod:`stablemorph.release`): at the first step a released group steps at the recorded
+(:mod:`stablemorph.experiment.release`): at the first step a released group steps at the recorded
 multiplier, at the horizon at the full rate, linearly in between; the stored rates (what
 schedulers and loops see) are untouched; groups without a multiplier are not touched; the
 ramp composes with a user's LambdaLR carried by ``transfer_scheduler``; bad values are
@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from stablemorph.experiment.stability import ExperimentError, plan_arm
-from stablemorph.morphs import deepen
-from stablemorph.optim import transfer_optimizer, transfer_scheduler
-from stablemorph.release import (
+from stablemorph.experiment.release import (
     attach_release,
     memory_steps,
     release_factor,
     release_lr_scales,
 )
+from stablemorph.experiment.stability import ExperimentError, plan_arm
+from stablemorph.morphs import deepen
+from stablemorph.optim import transfer_optimizer, transfer_scheduler
 from stablemorph.zoo import build_model
 
 torch.set_num_threads(1)

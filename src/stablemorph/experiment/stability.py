@@ -27,6 +27,7 @@ from stablemorph.activations import PAct, clamp_pact_
 from stablemorph.equation import sparsity
 from stablemorph.experiment.data import Dataset, load_dataset
 from stablemorph.experiment.growth import GrowthError, morph_steps
+from stablemorph.experiment.release import attach_release, release_lr_scales
 from stablemorph.experiment.rules import (
     factor_pairs,
     isometric_gauge_,
@@ -48,7 +49,6 @@ from stablemorph.experiment.train import (
 from stablemorph.morphs import MorphError
 from stablemorph.optim import RULE, TransferRule, group_sources, transfer_optimizer
 from stablemorph.record import history
-from stablemorph.release import attach_release, release_lr_scales
 from stablemorph.step_rule import adaptive_step_ratio
 from stablemorph.zoo import build_model
 
@@ -81,7 +81,7 @@ REGIMES = ("same", "raised", "warmup")
 #   wlr     (widen) under SGD, the widened group's parameters get the learning-rate
 #           multiplier 1 / first-step amplification measured on the probe
 #           (stablemorph.morphs.new_units; ParamOrigin.width_advice)
-#   relm    the multipliers released (ramped back to 1, stablemorph.release) over the
+#   relm    the multipliers released (ramped back to 1, stablemorph.experiment.release) over the
 #           optimiser's own memory 1 / (1 - beta): Adam's beta2, SGD's momentum
 #   relw    the multipliers released over the configured warm-up length (warmup_steps)
 #   relt    the multipliers released over the whole training run after the morph
