@@ -59,7 +59,8 @@ from stablemorph.experiment.stability import (
 RESULTS = Path(__file__).parent / "results"
 ARMS = ["stable", "netmorph", "net2net", "netmorph+state+dlr+adamr", "net2net+state+dlr+adamr"]
 # the widen rule offered to the baselines: an SGD multiplier (under AdamW these arms would
-# repeat the published ones)
+# repeat the published ones); the GPT growths' SGD rule is recorded the same way
+# (transformer/sgd_rule.py) and offered in the GPT SGD cells
 WIDEN_ARMS = ["netmorph+wlr", "net2net+wlr"]
 BASELINES = ("netmorph", "net2net")
 REGIMES = ["same", "raised", "warmup"]
@@ -75,7 +76,7 @@ def _cfg(dataset: str, model: str, model_kwargs: dict, morph: str, morph_kwargs:
     # the multiplier only concerns factor pairs (deepen, insert_subnet): elsewhere the "+dlr"
     # arms would repeat the published ones
     arms = ARMS if morph in ("deepen", "insert_subnet") else ARMS[:3]
-    if morph == "widen" and optimizer == "sgd":
+    if morph in ("widen", "depth", "width") and optimizer == "sgd":
         arms = ARMS[:3] + WIDEN_ARMS
     base = ExperimentConfig(
         dataset=dataset, model=model, model_kwargs=model_kwargs, morph=morph,

@@ -53,7 +53,9 @@ class ParamOrigin:
     (:func:`stablemorph.optim.transfer_optimizer`; set by :func:`mark_new_entries`).
     ``width_advice``: the SGD learning-rate multiplier a widen recommends for its channel
     group's parameters, ``1 / first-step amplification`` (:mod:`stablemorph.morphs.new_units`;
-    ``transfer_optimizer`` multiplies ``lr_scale`` by it under non-adaptive optimisers).
+    ``transfer_optimizer`` multiplies ``lr_scale`` by it under non-adaptive optimisers); a
+    GPT growth records it on every parameter, measured over the whole model at the logits
+    (:mod:`stablemorph.transformer.sgd_rule`).
     """
 
     source: str | None

@@ -13,7 +13,8 @@ more, so the optimiser follows every step with
   blocks up to ``n_layer`` (default twice the parent's depth), one evenly spaced insertion
   per step; ``width`` multiplies the MLP width, the heads (same head size) and the residual
   width by ``factor`` (default 2), in that order. Option ``out_scale``: the scale of the new
-  units' fan-out (the growths' default).
+  units' fan-out (the growths' default); ``step_rule``: the growths' SGD multiplier
+  (:mod:`stablemorph.transformer.sgd_rule`; default the scheme's).
 """
 
 from __future__ import annotations
@@ -125,12 +126,12 @@ def _gpt_steps(op: str, model: nn.Module, kwargs: dict[str, Any]) -> list[Step]:
     from stablemorph.transformer.stream import grow_d_model
 
     cfg = model.config
-    common = {k: kwargs.pop(k) for k in ("out_scale", "tol") if k in kwargs}
+    common = {k: kwargs.pop(k) for k in ("out_scale", "tol", "step_rule") if k in kwargs}
     if op == "depth":
         n_layer = int(kwargs.pop("n_layer", 2 * cfg.n_layer))
         if kwargs:
             raise GrowthError(f"--morph depth: unknown option(s) {sorted(kwargs)}; accepted: "
-                              f"['n_layer', 'out_scale', 'tol']")
+                              f"['n_layer', 'out_scale', 'step_rule', 'tol']")
         if n_layer <= cfg.n_layer:
             raise GrowthError(f"--morph depth: n_layer={n_layer} is not larger than the "
                               f"parent's {cfg.n_layer}")
@@ -141,7 +142,7 @@ def _gpt_steps(op: str, model: nn.Module, kwargs: dict[str, Any]) -> list[Step]:
     factor = float(kwargs.pop("factor", 2.0))
     if kwargs:
         raise GrowthError(f"--morph width: unknown option(s) {sorted(kwargs)}; accepted: "
-                          f"['factor', 'out_scale', 'tol']")
+                          f"['factor', 'out_scale', 'step_rule', 'tol']")
     n_head = round(factor * max(b.attn.n_head for b in model.blocks))
     d_mlp = round(factor * max(b.mlp.fc.out_features for b in model.blocks))
     d_model = round(factor * cfg.d_model)

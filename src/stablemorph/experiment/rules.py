@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from stablemorph.equation import composite
 from stablemorph.morphs.first_step import block_input, step_amplification
+from stablemorph.morphs.new_units import output_energy
 from stablemorph.record import history
 
 ADAPTIVE = ("adam", "adamw")
@@ -290,3 +291,29 @@ def scale_new_units_(model: nn.Module, factor: float) -> None:
             new = (origin.index < 0).to(p.device).view(shape)
             with torch.no_grad():
                 p.copy_(torch.where(new, p * factor, p))
+
+
+def growth_lr_scales(parent: nn.Module, child: nn.Module, probe: Tensor,
+                     names: list[str] | None = None) -> dict[str, float]:
+    """SGD multipliers ``1 / amplification`` of a growth's first step at the model's output
+    (options ``glr``: every parameter of ``child``, ``nlr``: only ``names``, the growth's new
+    and changed parameters): amplification = the child's first-step energy over all its
+    parameters over the parent's (:func:`stablemorph.morphs.new_units.output_energy`)."""
+    amp = sum(output_energy(child, probe).values()) / max(
+        sum(output_energy(parent, probe).values()), 1e-30)
+    chosen = [n for n, _ in child.named_parameters()] if names is None else names
+    return {n: 1.0 / amp for n in chosen}
+
+
+def tensor_lr_scales(parent: nn.Module, child: nn.Module, probe: Tensor) -> dict[str, float]:
+    """SGD multipliers matching each new or changed tensor's first-step energy at the
+    model's output to its source's (or stand-in's) in the parent (option ``tlr``)."""
+    from stablemorph.optim import morphs_param_map
+
+    e_child, e_parent = output_energy(child, probe), output_energy(parent, probe)
+    out = {}
+    for n, o in morphs_param_map(parent, child).items():
+        ref = o.source if o.source is not None else o.stand_in
+        if (o.source is None or o.index is not None) and ref in e_parent and e_child[n] > 0:
+            out[n] = e_parent[ref] / e_child[n]
+    return out

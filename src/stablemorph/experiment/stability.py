@@ -29,13 +29,16 @@ from stablemorph.experiment.data import Dataset, load_dataset
 from stablemorph.experiment.growth import GrowthError, morph_steps
 from stablemorph.experiment.release import attach_release, release_lr_scales
 from stablemorph.experiment.rules import (
+    ADAPTIVE,
     factor_pairs,
+    growth_lr_scales,
     isometric_gauge_,
     lr_scales,
     regauge_,
     scale_new_fan_out_,
     scale_new_units_,
     shrink_first_bias_,
+    tensor_lr_scales,
     with_lr_scales,
 )
 from stablemorph.experiment.train import (
@@ -80,23 +83,33 @@ REGIMES = ("same", "raised", "warmup")
 #           their stand-in's typical step (lr x r; new units' v / r^2)
 #   wlr     (widen) under SGD, the widened group's parameters get the learning-rate
 #           multiplier 1 / first-step amplification measured on the probe
-#           (stablemorph.morphs.new_units; ParamOrigin.width_advice)
+#           (stablemorph.morphs.new_units; ParamOrigin.width_advice); (GPT depth / width
+#           growth) every parameter gets 1 / the whole model's first-step amplification at
+#           the logits (stablemorph.transformer.sgd_rule; the same record)
 #   relm    the multipliers released (ramped back to 1, stablemorph.experiment.release) over the
 #           optimiser's own memory 1 / (1 - beta): Adam's beta2, SGD's momentum
 #   relw    the multipliers released over the configured warm-up length (warmup_steps)
 #   relt    the multipliers released over the whole training run after the morph
 #           (child_steps)
 #           (relm, relw, relt: measured, not adopted: benchmarks/results/ramp.md)
+#   glr     (GPT growth research, issue 9) under SGD, every parameter of the child gets
+#           1 / first-step amplification of the whole model measured at its output
+#   nlr     the same multiplier on the growth's new and changed parameters only
+#   tlr     each new or changed tensor's first-step energy at the output matched to its
+#           source's (stand-in's) in the parent
+#           (glr adopted as the GPT growths' library rule, nlr and tlr not:
+#           benchmarks/results/gptsgd.md)
 ARM_OPTIONS = ("raw", "gauge", "lr", "slope", "dlr", "freeze", "iso1", "iso3", "state", "b1s",
-               "orth2", "adamr", "zout", "adamn", "wlr", "wsc", "relm", "relw", "relt")
+               "orth2", "adamr", "zout", "adamn", "wlr", "wsc", "relm", "relw", "relt", "glr",
+               "nlr", "tlr")
 RELEASE_OPTIONS = ("relm", "relw", "relt")
 TRANSFER_OPTIONS = ("dlr", "state", "adamr", "adamn", "wlr")  # applied by transfer_optimizer
 REGAUGE_OPTIONS = ("gauge", "iso1", "iso3", "b1s")
 # The default rule of the stable scheme (the library's step rule, issue 9): what "stable"
 # means in an experiment unless "+raw" is given.
 STABLE_RULE: tuple[str, ...] = ("orth2", "state", "dlr", "adamr", "adamn", "wlr")
-# the morphs that take the step rule option
-RULE_MORPHS = ("deepen", "insert_subnet", "widen")
+# the morphs that take the step rule option (the GPT growths: transformer/sgd_rule.py)
+RULE_MORPHS = ("deepen", "insert_subnet", "widen", "depth", "width")
 
 
 def parse_arm(name: str) -> tuple[str, tuple[str, ...]]:
@@ -407,6 +420,11 @@ def grow(
                     if r is not None and n.startswith(f"{pair.target}."):
                         scales_[n] *= r
         with_lr_scales(opt, child, scales_)
+    if ("glr" in options or "nlr" in options) and cfg.optimizer not in ADAPTIVE:
+        names = new_parameters(child) if "nlr" in options else None
+        with_lr_scales(opt, child, growth_lr_scales(parent, child, probe, names))
+    if "tlr" in options and cfg.optimizer not in ADAPTIVE:
+        with_lr_scales(opt, child, tensor_lr_scales(parent, child, probe))
     if "freeze" in options:
         with_lr_scales(opt, child, {f"{p.target}.act.a": 0.0 for p in factor_pairs(child)})
     params = dict(child.named_parameters())

@@ -221,3 +221,20 @@ def widen_energy(parent: nn.Module, child: nn.Module, origins: dict[str, ParamOr
                          samples, seed)
     return WidenEnergy(parent_e["parent"], child_e["old"], child_e["new_in"],
                        child_e["new_out"])
+
+
+def output_energy(model: nn.Module, probe: Any, names: Iterable[str] | None = None, *,
+                  samples: int = SAMPLES, seed: int = SEED) -> dict[str, float]:
+    """Each parameter's first-step SGD energy at the model's *output* (module docstring):
+    the mean over the seeded random output gradients ``delta`` of ``||d<delta, model(probe)>
+    / d param||^2``, by parameter name (``names``: those parameters, default all that
+    require grad), in train mode without dropout; the model's modes, buffers and RNG are
+    restored. A growth that only adds a branch computing exactly zero leaves the old
+    parameters' figures unchanged (the parent's), so the child's total over the parent's is
+    the growth's amplification of the whole model's first step."""
+    params = dict(model.named_parameters())
+    chosen = [n for n, p in params.items() if p.requires_grad] if names is None else list(names)
+    if not chosen:
+        return {}
+    parts: Parts = {n: [(n, 0, None)] for n in chosen}
+    return _energies(model, Probe.of(probe), [""], parts, samples, seed)

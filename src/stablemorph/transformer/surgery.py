@@ -36,7 +36,9 @@ from stablemorph.morphs.contract import (
     run_morph,
 )
 from stablemorph.record import ParamOrigin
+from stablemorph.schemes import step_rule_on
 from stablemorph.transformer.model import GPT, GPTConfig
+from stablemorph.transformer.sgd_rule import with_growth_advice
 
 __all__ = ["SCHEMES", "GrowthOptions", "GrowthVerificationError", "Options"]
 
@@ -65,6 +67,7 @@ class GrowthOptions(TypedDict, total=False):
     probe: Tensor | None
     tol: float | None
     out_scale: float
+    step_rule: bool | None
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,17 @@ class Options:
     ``seed`` (every random choice); ``probe``: token ids ``(B, T)`` for the self-check
     (default: a fixed random batch); ``tol``: the largest relative logit deviation accepted
     (default by dtype, :func:`stablemorph.verify.default_tolerance`); ``out_scale``
-    (``stable``): the rms of new outgoing weights relative to the existing ones'."""
+    (``stable``): the rms of new outgoing weights relative to the existing ones';
+    ``step_rule``: record the SGD multiplier of :mod:`~stablemorph.transformer.sgd_rule`
+    (``None``: the scheme's default, on for ``stable`` only; ``True`` offers it to a
+    baseline)."""
 
     scheme: str = "stable"
     seed: int = 0
     probe: Tensor | None = None
     tol: float | None = None
     out_scale: float = DEFAULT_OUT_SCALE
+    step_rule: bool | None = None
 
     @classmethod
     def check(cls, op: str, model: nn.Module, options: Mapping[str, Any]) -> Options:
@@ -94,11 +101,17 @@ class Options:
         if not (isinstance(opts.out_scale, int | float) and 0 < opts.out_scale < float("inf")):
             raise MorphError(f"{op}: out_scale must be a positive finite number, got "
                              f"{opts.out_scale!r}")
+        if opts.step_rule is not None and not isinstance(opts.step_rule, bool):
+            raise MorphError(f"{op}: step_rule must be True, False or None (the scheme's "
+                             f"default), got {opts.step_rule!r}")
         return opts
 
     def recipe(self, **sizes: Any) -> dict[str, Any]:
-        """The JSON-able kwargs the growth's record keeps (``sizes`` first)."""
-        return {**sizes, "scheme": self.scheme, "seed": self.seed, "out_scale": self.out_scale}
+        """The JSON-able kwargs the growth's record keeps (``sizes`` first; ``step_rule``
+        only when given)."""
+        rule = {} if self.step_rule is None else {"step_rule": self.step_rule}
+        return {**sizes, "scheme": self.scheme, "seed": self.seed, "out_scale": self.out_scale,
+                **rule}
 
 
 def check_blocks(op: str, model: GPT, blocks: Sequence[int] | None, size: str, new: int,
@@ -264,9 +277,18 @@ def run_morph_on_gpt(
     surgery: Callable[[GPT, tuple[Tensor, ...]], Surgery],
 ) -> GPT:
     """:func:`~stablemorph.morphs.contract.run_morph` for a GPT, verified on ``opts.probe``
-    (default :func:`token_probe`); ``recipe``: the record's kwargs."""
+    (default :func:`token_probe`); ``recipe``: the record's kwargs. With the step rule
+    (``opts.step_rule``, default on for ``stable``) the surgery's origins get the SGD
+    multiplier measured on the probe (:mod:`~stablemorph.transformer.sgd_rule`)."""
     probe = token_probe(model) if opts.probe is None else opts.probe
-    return run_morph(op, model, target, opts.scheme, recipe, surgery,  # type: ignore[arg-type]
+
+    def advised(child: GPT, probe_: tuple[Tensor, ...]) -> Surgery:
+        done = surgery(child, probe_)
+        if not step_rule_on(opts.scheme, opts.step_rule):
+            return done
+        return with_growth_advice(model, child, probe_, done)
+
+    return run_morph(op, model, target, opts.scheme, recipe, advised,  # type: ignore[arg-type]
                      probe, None, opts.tol)
 
 
