@@ -159,3 +159,17 @@ def test_a_step_rule_that_is_not_a_bool_is_refused_naming_the_option() -> None:
     with pytest.raises(MorphError, match=r"insert_block: step_rule must be True, False or "
                                          r"None .* got 'yes'"):
         insert_block(model, 1, step_rule="yes")  # type: ignore[arg-type]
+
+
+def test_the_experiments_growth_steps_pass_the_arms_step_rule() -> None:
+    """``--morph depth`` / ``width`` take ``step_rule`` (the experiment gives each arm its
+    own): off for stable, on for a baseline."""
+    from stablemorph.experiment.growth import morph_steps
+
+    model, x = parent(), probe()
+    for op, scheme, rule in (("depth", "stable", False), ("width", "netmorph", True)):
+        child = model
+        for j, step in enumerate(morph_steps(op, model, [], {"step_rule": rule})):
+            child = step.run(child, scheme, j, x)
+            recorded = {o.width_advice for o in last_report(child).param_map.values()}
+            assert (recorded == {None}) is (not rule), (op, step.label, recorded)

@@ -20,9 +20,13 @@ removes it only at 0 (measured: 0.83 on them removed a fifth of the loss-rise ex
 whole-model multiplier three quarters); matching each new tensor's energy to its stand-in's
 diverged (a new block's cancelling fan-in has ~1% of its stand-in's energy).
 
-The multipliers compose along a chain of growths (``record.compose_origins`` multiplies
-``width_advice``): the product of each step's ``E_child / E_before`` telescopes to the final
-child's energy over the first parent's. ``transfer_optimizer`` applies them under
+Along a chain of growths, with the optimiser transferred after each one (as the experiment
+does), every parameter's rate is the product of the steps' ``E_before / E_child``, which
+telescopes to the first parent's energy over the final child's. A single transfer over the
+whole chain gives the same to the first parent's parameters (``record.compose_origins``
+multiplies ``width_advice``), but a parameter created by a later growth only the figures of
+the growths from its own on (``compose_origins`` keeps a fresh parameter's own step-rule
+fields): transfer after each growth. ``transfer_optimizer`` applies the multiplier under
 non-adaptive optimisers only (Adam normalises each entry's step; ``adaptive_new`` handles the
 new entries there).
 """
