@@ -173,3 +173,16 @@ def test_the_experiments_growth_steps_pass_the_arms_step_rule() -> None:
             child = step.run(child, scheme, j, x)
             recorded = {o.width_advice for o in last_report(child).param_map.values()}
             assert (recorded == {None}) is (not rule), (op, step.label, recorded)
+
+
+def test_the_experiments_research_option_glr_computes_the_librarys_multiplier() -> None:
+    """``stable+glr`` (computed after the growth from the final child) and the library's
+    recorded advice are one figure (the matrix runs were bit for bit equal)."""
+    from stablemorph.experiment.rules import growth_lr_scales
+
+    model, x = parent(), probe()
+    child = insert_block(model, 1, probe=x)
+    (advice,) = {o.width_advice for o in last_report(child).param_map.values()}
+    scales = growth_lr_scales(model, child, x)
+    assert set(scales) == {n for n, _ in child.named_parameters()}
+    assert list(scales.values()) == pytest.approx([advice] * len(scales), rel=1e-12)
