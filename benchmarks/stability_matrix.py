@@ -91,15 +91,15 @@ def cells() -> dict[str, tuple[str, ExperimentConfig]]:
     """``{name: (cost class, config)}``; cost ``cheap`` runs in minutes on one core."""
     out: dict[str, tuple[str, ExperimentConfig]] = {}
     for opt in ("sgd", "adamw"):
-        # a digits CNN arm takes 10-40 s on the shared 2-core machine, a cell over an hour
-        # with 5 seeds: 3 seeds
+        # the issue: 5 seeds where a run takes under a minute (digits and GPT runs take
+        # seconds), else 3 (Fashion-MNIST: 20-70 min a cell on the shared cores)
         cnn = {"widths": [16, 32]}
         out[f"digits-cnn-deepen-{opt}"] = ("cheap", _cfg(
-            "digits", "cnn", cnn, "deepen", {"kernel_size": 3}, opt, 3))
+            "digits", "cnn", cnn, "deepen", {"kernel_size": 3}, opt, 5))
         out[f"digits-cnn-widen-{opt}"] = ("cheap", _cfg(
-            "digits", "cnn", cnn, "widen", {"factor": 2}, opt, 3))
+            "digits", "cnn", cnn, "widen", {"factor": 2}, opt, 5))
         out[f"digits-cnn-subnet-{opt}"] = ("cheap", _cfg(
-            "digits", "cnn", cnn, "insert_subnet", {}, opt, 3))
+            "digits", "cnn", cnn, "insert_subnet", {}, opt, 5))
         mlp = {"hidden": [64, 64]}
         out[f"digits-mlp-deepen-{opt}"] = ("cheap", _cfg(
             "digits", "mlp", mlp, "deepen", {}, opt, 5))
@@ -122,7 +122,7 @@ def cells() -> dict[str, tuple[str, ExperimentConfig]]:
                "block_size": 32}
         for morph in ("depth", "width"):
             out[f"text-gpt-{morph}-{opt}"] = ("gpt", _cfg(
-                "text", "gpt", gpt, morph, {}, opt, 3, limit_train=300_000, limit_test=128,
+                "text", "gpt", gpt, morph, {}, opt, 5, limit_train=300_000, limit_test=128,
                 parent_steps=300, child_steps=100, batch_size=16, dense_until=50,
                 dense_every=5, every=25, drop_window=50, warmup_steps=25,
                 lr=LR[opt] if opt == "adamw" else 0.1, weight_decay=0.0))
