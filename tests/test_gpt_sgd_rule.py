@@ -186,3 +186,26 @@ def test_the_experiments_research_option_glr_computes_the_librarys_multiplier() 
     scales = growth_lr_scales(model, child, x)
     assert set(scales) == {n for n, _ in child.named_parameters()}
     assert list(scales.values()) == pytest.approx([advice] * len(scales), rel=1e-12)
+
+
+def test_one_transfer_after_a_chained_grow_gives_every_parameter_the_chains_multiplier(
+        ) -> None:
+    """transformer.grow of several sizes: a block the last step inserts has no earlier
+    source, so without the chain's carry it took only that step's multiplier while the
+    parent's parameters took the product of all of them."""
+    from stablemorph.transformer.grow import grow
+
+    model, x = parent(), probe()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    child = grow(model, d_mlp=20, n_layer=3, probe=x)
+    steps = history(child)[-2:]
+    product = 1.0
+    for record in steps:
+        product *= next(o.width_advice for o in record.report.param_map.values()
+                        if not o.is_fresh)
+    assert product < 0.99  # the chain does slow the first step
+    new = transfer_optimizer(opt, model, child)
+    rates = {name: lr_of(new, p) for name, p in child.named_parameters()}
+    for name, rate in rates.items():
+        assert rate == pytest.approx(LR * product, rel=1e-9), name
+    assert any(name.startswith("blocks.2.") for name in rates)  # the inserted block

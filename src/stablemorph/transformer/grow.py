@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Unpack
 
 from stablemorph.morphs.contract import MorphError
+from stablemorph.record import history
 from stablemorph.transformer.depth import insert_block
 from stablemorph.transformer.heads import grow_heads
 from stablemorph.transformer.mlp_width import grow_mlp
@@ -98,4 +99,22 @@ def grow(
             child = insert_block(child, index, seed=next_seed(), **common)
     if child is model:
         raise MorphError("grow: nothing to grow; give d_model, n_head, d_mlp or n_layer")
+    _chain_growth_advice(child, len(history(child)) - len(history(model)))
     return child
+
+
+def _chain_growth_advice(child: GPT, steps: int) -> None:
+    """Make one ``transfer_optimizer`` over the last ``steps`` growths give every parameter the
+    chain's SGD multiplier (:mod:`~stablemorph.transformer.sgd_rule`: each growth records
+    ``E_before / E_after`` on every parameter, which multiplies along a parameter's sources
+    to ``E_model / E_child``). A parameter a later growth creates has no earlier source, so
+    its record is multiplied by the growths before it here (their multipliers are the same
+    on every parameter; a growth that recorded none counts 1)."""
+    carried = 1.0
+    for record in history(child)[-steps:]:
+        advice = {o.width_advice for o in record.report.param_map.values()}
+        for origin in record.report.param_map.values():
+            if origin.is_fresh and origin.width_advice is not None:
+                origin.width_advice *= carried
+        if len(advice) == 1 and None not in advice:
+            carried *= advice.pop()

@@ -26,9 +26,11 @@ telescopes to the first parent's energy over the final child's. A single transfe
 whole chain gives the same to the first parent's parameters (``record.compose_origins``
 multiplies ``width_advice``), but a parameter created by a later growth only the figures of
 the growths from its own on (``compose_origins`` keeps a fresh parameter's own step-rule
-fields): transfer after each growth. ``transfer_optimizer`` applies the multiplier under
-non-adaptive optimisers only (Adam normalises each entry's step; ``adaptive_new`` handles the
-new entries there).
+fields): transfer after each growth, or grow with :func:`stablemorph.transformer.grow`
+(``sm.grow``), which carries the earlier steps' multipliers into the parameters a later step
+creates, so one transfer after it gives every parameter the chain's. ``transfer_optimizer``
+applies the multiplier under non-adaptive optimisers only (Adam normalises each entry's step;
+``adaptive_new`` handles the new entries there).
 """
 
 from __future__ import annotations
