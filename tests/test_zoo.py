@@ -156,3 +156,18 @@ def test_bad_arguments_are_rejected() -> None:
 
 def test_factory_table_matches_documented_names() -> None:
     assert set(MODELS) == {"mlp", "cnn", "vgg", "resnet", "depthwise", "cnn1d", "gpt"}
+
+
+def test_gpt_from_uniform_sizes_or_its_recorded_recipe() -> None:
+    """``build_model("gpt", ...)`` takes ``GPTConfig.uniform``'s sizes (it failed with
+    ``KeyError: 'blocks'``) as well as the recipe every GPT records (``to_dict()``)."""
+    torch.manual_seed(0)
+    model = build_model("gpt", vocab_size=11, block_size=8, d_model=8, n_layer=2, n_head=2)
+    assert [b.attn.n_head for b in model.blocks] == [2, 2]
+    assert model.blocks[0].mlp.fc.out_features == 32  # d_mlp defaults to 4 d_model
+    again = build_model("gpt", **model.config.to_dict())
+    again.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 11, (2, 8))
+    torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="n_heads"):
+        build_model("gpt", vocab_size=11, block_size=8, d_model=8, n_layer=2, n_heads=2)

@@ -367,9 +367,14 @@ class SmallCNN1d(nn.Module):
 
 def _gpt(**config: Any) -> nn.Module:
     """The project GPT (:class:`stablemorph.transformer.GPT`) from the keyword arguments of
-    ``GPTConfig.to_dict()`` (every GPT records this recipe on itself)."""
+    ``GPTConfig.to_dict()`` (every GPT records this recipe on itself), or, without
+    ``blocks``, those of ``GPTConfig.uniform`` (every block the same: ``vocab_size``,
+    ``block_size``, ``d_model``, ``n_layer``, ``n_head``, ``head_dim``, ``d_mlp``,
+    ``tie_head``)."""
     from stablemorph.transformer.model import GPT, GPTConfig
 
+    if "blocks" not in config:
+        return GPT(GPTConfig.uniform(**config))
     return GPT(GPTConfig.from_dict(config))
 
 
