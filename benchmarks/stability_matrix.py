@@ -467,7 +467,7 @@ def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str], l
     is behind one beyond the paired spread."""
     counts = {k: [0, 0] for k in ("issue", "excess", "stretch", "stretch_all", "final_ok",
                                   "final_spread")}
-    judged = unjudged = 0
+    judged = unjudged = parent_too = 0
     worse: list[str] = []
     behind: list[str] = []
     for name, entry in entries.items():
@@ -483,6 +483,7 @@ def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str], l
                 if j["judged"]:
                     counts[key][0 if j[key] else 1] += 1
             counts["stretch_all"][0 if j["stretch"] else 1] += 1
+            parent_too += j["judged"] and not j["issue"] and j["parent"] > 0.5 * j["best"]
             counts["final_ok"][0 if j["final_ok"] else 1] += 1
             counts["final_spread"][1 if j["final_behind"] else 0] += 1
             for b, d in j["worse"].items():
@@ -509,7 +510,10 @@ def tallies(entries: dict[str, dict[str, Any]]) -> tuple[list[str], list[str], l
         f"{counts['final_ok'][0]} | {counts['final_ok'][1]} |",
         "| stable's final accuracy (GPT: loss) not behind a published baseline beyond the "
         f"paired spread (every pair) | {counts['final_spread'][0]} | "
-        f"{counts['final_spread'][1]} |",
+        f"{counts['final_spread'][1]} |", "",
+        f"In {parent_too} of the {counts['issue'][1]} pairs failing the issue's test the parent "
+        "trained on at the same rate drops more than half the better baseline's drop itself: "
+        "a child that trained exactly like its parent would fail them too.",
     ]
     return table, worse, behind
 

@@ -154,9 +154,14 @@ def test_final_accuracy_behind_beyond_the_paired_spread_is_named():
             run["loss_rise"] = run["drop"]
     regime["paired"]["netmorph"]["final_loss"] = [0.01, 0.02, 0.01]  # loss: larger is behind
     assert set(matrix.judge(regime, "loss_rise")["final_behind"]) == {"netmorph"}
-    _, _, behind = matrix.tallies({"c": {"summary": {"raised": regime}, "runs": 9,
-                                         "expected": 9}})
+    table, _, behind = matrix.tallies({"c": {"summary": {"raised": regime}, "runs": 9,
+                                             "expected": 9}})
     assert behind == ["c / raised: stable − netmorph = -0.0040 ± 0.0010 (final_acc)"]
+    assert table[-1].startswith("In 0 of the 0 pairs failing the issue's test")
+    failing = {"summary": {"raised": _regime(0.04, 0.06, 0.05, 0.035)}, "runs": 9,
+               "expected": 9}  # stable 0.041 > 0.5 x 0.051, and so is the parent's 0.036
+    table, _, _ = matrix.tallies({"d": failing})
+    assert table[-1].startswith("In 1 of the 1 pairs failing the issue's test the parent")
 
 
 def test_the_readme_table_is_built_from_the_stored_means():
