@@ -298,9 +298,11 @@ def growth_lr_scales(parent: nn.Module, child: nn.Module, probe: Tensor,
     """SGD multipliers ``1 / amplification`` of a growth's first step at the model's output
     (options ``glr``: every parameter of ``child``, ``nlr``: only ``names``, the growth's new
     and changed parameters): amplification = the child's first-step energy over all its
-    parameters over the parent's (:func:`stablemorph.morphs.new_units.output_energy`)."""
-    amp = sum(output_energy(child, probe).values()) / max(
-        sum(output_energy(parent, probe).values()), 1e-30)
+    parameters over the parent's (:func:`stablemorph.transformer.sgd_rule.amplification`,
+    the library's rule (g))."""
+    from stablemorph.transformer.sgd_rule import amplification
+
+    amp = amplification(parent, child, (probe,)) or 1.0
     chosen = [n for n, _ in child.named_parameters()] if names is None else names
     return {n: 1.0 / amp for n in chosen}
 
